@@ -1,0 +1,135 @@
+"""Building blocks shared by the model zoo, each parameter with logical axis names.
+
+Parameter names follow Flax (``kernel``, ``bias``, ``scale``, ``embedding``);
+the per-model key tables in ``hf_loader`` map PyTorch names onto them. Arrays
+are channels-last: a dense kernel is ``[in, out]``, a conv kernel ``[kh, kw, in, out]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias``; kernel ``[in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), dtype, axes)
+        self.bias = _param(rngs, nnx.initializers.zeros, (out_features,), dtype, (axes[-1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Lookup table ``[num_embeddings, features]``."""
+
+    def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), dtype, axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+        self.bias = _param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: ``x / rms(x) * scale``, computed in float32 as the reference does."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over channels-last ``[B, ..., C]``; groups are contiguous channel blocks, as in PyTorch."""
+
+    def __init__(self, features: int, num_groups: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if features % num_groups:
+            raise ValueError(f"GroupNorm: {features} channels do not split into {num_groups} groups")
+        self.num_groups, self.eps = num_groups, eps
+        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+        self.bias = _param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        x32 = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = x32.mean((1, 3), keepdims=True)
+        var = jnp.square(x32 - mean).mean((1, 3), keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution on ``[B, H, W, C]``; kernel ``[kh, kw, in, out]``; symmetric zero padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.stride, self.padding = stride, padding
+        self.kernel = _param(rngs, nnx.initializers.lecun_normal(),
+                             (kernel_size, kernel_size, in_channels, out_channels), dtype,
+                             (None, None, "conv_in", "conv_out"))
+        self.bias = _param(rngs, nnx.initializers.zeros, (out_channels,), dtype, ("conv_out",)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pad = ((self.padding, self.padding),) * 2
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), (self.stride,) * 2, pad,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation function that Hugging Face configs call ``name``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

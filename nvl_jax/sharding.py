@@ -1,0 +1,125 @@
+"""Device meshes and the logical-axis -> mesh-axis rules.
+
+Every parameter in nvl_jax carries logical axis names (``("embed", "mlp")``) as
+its ``out_sharding`` metadata. A rules table maps each logical name onto zero,
+one or several mesh axes of a ``("data", "fsdp", "tensor")`` mesh, so a new
+parallelism layout is a config change, not a code change (MaxText's manner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Names absent from the table are replicated.
+# Batch is split over data and fsdp; weights are split along their model
+# dimension ("embed") over fsdp and along heads / MLP / vocab over tensor.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv_out", "tensor"),
+    ("conv_in", None),
+    ("norm", None),
+    ("position", None),
+    ("patch", None),
+)
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def make_mesh(
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    axis_names: Sequence[str] = MESH_AXES,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds a mesh with Auto axis types; one entry of ``mesh_shape`` may be -1 (the rest).
+
+    Auto (not Explicit) axes: NNX sharding annotations are hints to XLA's
+    propagation here, and Explicit axes reject them with ShardingTypeError.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(mesh_shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)} must have one entry per axis {tuple(axis_names)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)}: at most one entry may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh_shape {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} are visible")
+    return jax.make_mesh(
+        tuple(shape), tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+        devices=devices,
+    )
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> PartitionSpec:
+    """Maps logical axis names of an array of ``shape`` to a PartitionSpec on ``mesh``.
+
+    A mesh axis is used at most once per array, and is dropped for a dimension
+    it does not divide (a 3-channel conv input, a tiny test model): that
+    dimension is then replicated instead of failing to shard.
+    """
+    if not logical_axes:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape, strict=True):
+        mesh_axes = table.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        kept = []
+        for axis in mesh_axes:
+            factor = mesh.shape[axis] * math.prod(mesh.shape[a] for a in kept)
+            if axis not in used and mesh.shape[axis] > 1 and size % factor == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    logical_axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def variable_sharding(variable, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> jax.sharding.Sharding:
+    """The target sharding of one (possibly abstract) NNX variable.
+
+    Without a mesh, everything lives on the first device.
+    """
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    axes = variable.get_metadata().get("out_sharding")
+    return named_sharding(axes, variable.shape, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an input array whose leading axis is the batch."""
+    mesh_axes = dict(rules).get("batch")
+    return NamedSharding(mesh, PartitionSpec(mesh_axes, *([None] * (ndim - 1))))
+
