@@ -1,0 +1,97 @@
+"""CLIP preprocessing against transformers' PIL-based ``CLIPImageProcessor``, bit for bit.
+
+Without torchvision, transformers' ``CLIPImageProcessor()`` is ``CLIPImageProcessorPil``,
+the reference here. Random uint8 noise is the hardest input for a resampler:
+every fixed-point rounding shows.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from nvl_jax.models import clip_image_processor as cip
+
+SIZES = {
+    "nsd_425": (425, 425),
+    "already_224": (224, 224),
+    "one_side_224": (224, 300),
+    "landscape": (300, 400),
+    "portrait": (500, 333),
+    # Taller than 2:1: Pillow >= 13 runs the vertical pass first.
+    "tall_portrait": (1000, 250),
+    "upsample": (64, 64),
+    "tiny_upsample": (20, 30),
+    "odd": (97, 131),
+    "off_by_one": (223, 225),
+}
+
+
+def _image(rng, height, width):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _reference(processor, images):
+    """The reference's pixel values, moved to channels-last."""
+    return processor(images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return CLIPImageProcessorPil()
+
+
+@pytest.mark.parametrize("height,width", SIZES.values(), ids=SIZES.keys())
+def test_matches_transformers_exactly(reference, height, width):
+    image = _image(np.random.default_rng(height * 1000 + width), height, width)
+    ours = cip.preprocess(image)
+    assert ours.shape == (1, 224, 224, 3) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, _reference(reference, image))
+
+
+def test_resize_matches_pillow_at_random_sizes():
+    """Up, down and mixed scalings on both axes, each in both pass orders' territory."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        height, width, out_height, out_width = (int(v) for v in rng.integers(3, 300, 4))
+        image = _image(rng, height, width)
+        expected = np.asarray(Image.fromarray(image).resize((out_width, out_height), Image.BICUBIC))
+        np.testing.assert_array_equal(cip.resize_bicubic(image, out_height, out_width), expected,
+                                      err_msg=f"{height}x{width} -> {out_height}x{out_width}")
+
+
+def test_batch_array_and_list_of_sizes(reference):
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (3, 250, 180, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(cip.preprocess(batch), _reference(reference, list(batch)))
+    mixed = [_image(rng, 425, 425), _image(rng, 120, 300), _image(rng, 333, 500)]
+    ours = cip.preprocess(mixed)
+    assert ours.shape == (3, 224, 224, 3)
+    np.testing.assert_array_equal(ours, _reference(reference, mixed))
+
+
+def test_from_pretrained_reads_preprocessor_config(tmp_path):
+    """Non-default size, crop, mean and std; the crop is larger than the resized
+    short side, so the reference's zero padding is exercised too."""
+    saved = CLIPImageProcessorPil(size={"shortest_edge": 100}, crop_size={"height": 128, "width": 90},
+                                  image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    saved.save_pretrained(tmp_path)
+    ours = cip.CLIPImageProcessor.from_pretrained(tmp_path)
+    assert ours == cip.CLIPImageProcessor(size=100, crop_size=(128, 90), image_mean=(0.5, 0.4, 0.3),
+                                          image_std=(0.2, 0.25, 0.3))
+    image = _image(np.random.default_rng(2), 151, 77)
+    np.testing.assert_array_equal(ours(image), _reference(saved, image))
+
+
+def test_from_config_accepts_int_sizes_and_rejects_other_pipelines():
+    assert cip.CLIPImageProcessor.from_config({"size": 256, "crop_size": 240}) == cip.CLIPImageProcessor(
+        size=256, crop_size=(240, 240))
+    with pytest.raises(ValueError, match="do_center_crop"):
+        cip.CLIPImageProcessor.from_config({"do_center_crop": False})
+    with pytest.raises(ValueError, match="only bicubic"):
+        cip.CLIPImageProcessor.from_config({"resample": 2})
+
+
+def test_rejects_float_images():
+    with pytest.raises(ValueError, match="expected uint8"):
+        cip.preprocess(np.zeros((64, 64, 3), np.float32))
