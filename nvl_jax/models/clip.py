@@ -20,7 +20,7 @@ from flax import nnx, struct
 from nvl_jax import sharding
 from nvl_jax.models import hf_loader
 from nvl_jax.models.clip_params import TEXT_KEY_MAP, VISION_KEY_MAP
-from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation
+from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param
 
 # The end-of-text id of the configs published before transformers PR #24773;
 # those checkpoints pool at the largest token id instead of the first EOS.
@@ -223,20 +223,17 @@ class CLIPVisionModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
         width, patch, eps = config.hidden_size, config.patch_size, config.layer_norm_eps
-        # Parameters carry logical axis names only; hf_loader places them on a mesh.
-        with nnx.use_eager_sharding(False):
-            # A stride-``patch`` conv without bias on non-overlapping patches is one Dense per patch.
-            self.patch_embedding = Dense(patch * patch * config.num_channels, width, axes=("patch", "embed"),
-                                         use_bias=False, dtype=dtype, rngs=rngs)
-            self.class_embedding = nnx.Param(
-                jax.random.normal(rngs.params(), (width,), dtype) * width**-0.5, out_sharding=("embed",))
-            self.position_embedding = Embed(config.grid_size**2 + 1, width, axes=("position", "embed"),
-                                            dtype=dtype, rngs=rngs)
-            self.pre_layrnorm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-            self.layers = _encoder_layers(config, dtype, rngs)
-            self.post_layernorm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-            self.visual_projection = Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
-                                           dtype=dtype, rngs=rngs)
+        # A stride-``patch`` conv without bias on non-overlapping patches is one Dense per patch.
+        self.patch_embedding = Dense(patch * patch * config.num_channels, width, axes=("patch", "embed"),
+                                     use_bias=False, dtype=dtype, rngs=rngs)
+        self.class_embedding = param(rngs, nnx.initializers.normal(width**-0.5), (width,), dtype, ("embed",))
+        self.position_embedding = Embed(config.grid_size**2 + 1, width, axes=("position", "embed"),
+                                        dtype=dtype, rngs=rngs)
+        self.pre_layrnorm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+        self.layers = _encoder_layers(config, dtype, rngs)
+        self.post_layernorm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+        self.visual_projection = Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
+                                       dtype=dtype, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False) -> CLIPVisionOutput:
         """``pixel_values [batch, image_size, image_size, 3]``, normalized as by ``clip_image_processor``."""
@@ -288,15 +285,13 @@ class CLIPTextModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
         width = config.hidden_size
-        # Parameters carry logical axis names only; hf_loader places them on a mesh.
-        with nnx.use_eager_sharding(False):
-            self.token_embedding = Embed(config.vocab_size, width, dtype=dtype, rngs=rngs)
-            self.position_embedding = Embed(config.max_position_embeddings, width, axes=("position", "embed"),
-                                            dtype=dtype, rngs=rngs)
-            self.layers = _encoder_layers(config, dtype, rngs)
-            self.final_layer_norm = LayerNorm(width, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-            self.text_projection = Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
-                                         dtype=dtype, rngs=rngs)
+        self.token_embedding = Embed(config.vocab_size, width, dtype=dtype, rngs=rngs)
+        self.position_embedding = Embed(config.max_position_embeddings, width, axes=("position", "embed"),
+                                        dtype=dtype, rngs=rngs)
+        self.layers = _encoder_layers(config, dtype, rngs)
+        self.final_layer_norm = LayerNorm(width, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.text_projection = Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
+                                     dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  output_hidden_states: bool = False) -> CLIPTextOutput:

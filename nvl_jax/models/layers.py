@@ -16,8 +16,14 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
-def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes)
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    """A parameter annotated with logical axis names ``axes``, one per dimension.
+
+    Eager sharding is off: the annotation is metadata only, so a model builds
+    anywhere (no mesh needed); the loader or a jitted init with out_shardings
+    places the values.
+    """
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
 
 
 class Dense(nnx.Module):
@@ -25,8 +31,8 @@ class Dense(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), dtype, axes)
-        self.bias = _param(rngs, nnx.initializers.zeros, (out_features,), dtype, (axes[-1],)) if use_bias else None
+        self.kernel = param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), dtype, axes)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), dtype, (axes[-1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)
@@ -40,7 +46,7 @@ class Embed(nnx.Module):
 
     def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = _param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), dtype, axes)
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), dtype, axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)
@@ -51,8 +57,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
-        self.bias = _param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
+        self.scale = param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -67,7 +73,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+        self.scale = param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -83,8 +89,8 @@ class GroupNorm(nnx.Module):
         if features % num_groups:
             raise ValueError(f"GroupNorm: {features} channels do not split into {num_groups} groups")
         self.num_groups, self.eps = num_groups, eps
-        self.scale = _param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
-        self.bias = _param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
+        self.scale = param(rngs, nnx.initializers.ones, (features,), dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
@@ -101,10 +107,10 @@ class Conv2d(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         self.stride, self.padding = stride, padding
-        self.kernel = _param(rngs, nnx.initializers.lecun_normal(),
+        self.kernel = param(rngs, nnx.initializers.lecun_normal(),
                              (kernel_size, kernel_size, in_channels, out_channels), dtype,
                              (None, None, "conv_in", "conv_out"))
-        self.bias = _param(rngs, nnx.initializers.zeros, (out_channels,), dtype, ("conv_out",)) if use_bias else None
+        self.bias = param(rngs, nnx.initializers.zeros, (out_channels,), dtype, ("conv_out",)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = ((self.padding, self.padding),) * 2

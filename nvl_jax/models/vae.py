@@ -298,14 +298,12 @@ class AutoencoderKL(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
         latent = config.latent_channels
-        # Parameters carry logical axis names only; hf_loader places them on a mesh.
-        with nnx.use_eager_sharding(False):
-            self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
-            self.quant_conv = (Conv2d(2 * latent, 2 * latent, 1, dtype=dtype, rngs=rngs)
-                               if config.use_quant_conv else None)
-            self.post_quant_conv = (Conv2d(latent, latent, 1, dtype=dtype, rngs=rngs)
-                                    if config.use_post_quant_conv else None)
-            self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
+        self.quant_conv = (Conv2d(2 * latent, 2 * latent, 1, dtype=dtype, rngs=rngs)
+                           if config.use_quant_conv else None)
+        self.post_quant_conv = (Conv2d(latent, latent, 1, dtype=dtype, rngs=rngs)
+                                if config.use_post_quant_conv else None)
+        self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """Images ``[batch, height, width, 3]`` in ``[-1, 1]`` -> posterior over unscaled latents
