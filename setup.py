@@ -27,6 +27,11 @@ setup(
         # Configs and tokenizers only; transformers 5 imports no torch for these.
         "transformers>=5",
         "nibabel>=5.2",
+        # The MNI152 grey-matter template (in-silico masks) and brain plots.
+        "nilearn>=0.11",
+        "scipy",
+        "matplotlib",
+        "tensorboardX",
         "tqdm",
         "psutil",
     ],
