@@ -1,0 +1,53 @@
+"""Evaluates a stage-1 run: ``python -m nvl_jax.evaluate --config=configs/nsd.py --workdir=DIR``.
+
+Loads the newest checkpoint in DIR (or ``--step``), runs the test split in
+multi-trial and single-trial mode, writes ``DIR/eval.json`` and prints it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from nvl_jax.train import CONFIGS, default_workdir
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIGS / "demo.py"), "ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder (default: runs/<config name>)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the newest)")
+
+
+def evaluate_run(config, workdir: str | Path, step: int | None = None) -> dict:
+    from nvl_jax.training import experiment as experiment_lib
+    from nvl_jax.training import loop, optim, state as state_lib, steps
+    from nvl_jax.training.checkpointing import Checkpointer
+    from nvl_jax.evaluation import stage1 as stage1_eval
+
+    workdir = Path(workdir)
+    checkpointer = Checkpointer(workdir)
+    step = step or checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint to evaluate; train first with "
+                                f"python -m nvl_jax.train --workdir={workdir}")
+    experiment = experiment_lib.build(config)
+    tx = optim.make_optimizer(config.optimizer, loop.total_steps(config, experiment.dataset))
+    layout = state_lib.plan(loop.model_builder(experiment), tx, experiment.mesh, experiment.rules)
+    params, _ = checkpointer.restore_params(step, layout)
+    predict_step = steps.make_predict_step(layout, mesh=experiment.mesh, rules=experiment.rules,
+                                           batch_ndims={**experiment.batch_ndims, "valid": 1})
+    results = stage1_eval.evaluate(experiment, params, predict_step, workdir)
+    loop.write_eval(workdir, results)
+    checkpointer.close()
+    return results
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    evaluate_run(_CONFIG.value, _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename), _STEP.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Evaluation protocols: retrieval and identification (stage 1)."""

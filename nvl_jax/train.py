@@ -1,0 +1,43 @@
+"""Stage-1 training: ``python -m nvl_jax.train --config=configs/nsd.py --workdir=DIR``.
+
+Restarting the same command resumes from the newest checkpoint in DIR, on the
+exact next batch. Without flags it runs ``configs/demo.py`` (in-silico NSD,
+generated on first use) into ``runs/demo``. Override any config field with
+``--config.FIELD=VALUE`` (e.g. ``--config.data.root=/data/nsd_prepared``);
+unknown fields are an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIGS / "demo.py"), "ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and eval.json go "
+                               "(default: runs/<config name>)")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (TPU pods, SLURM)")
+
+
+def default_workdir(config_path: str) -> Path:
+    return Path("runs") / Path(config_path.split(":")[0]).stem
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    from nvl_jax.training import loop
+
+    loop.train(_CONFIG.value, _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename))
+
+
+if __name__ == "__main__":
+    app.run(main)

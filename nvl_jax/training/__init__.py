@@ -1,0 +1,1 @@
+"""Stage-1 training: state on the mesh, the jitted steps, checkpoints, the loop."""
