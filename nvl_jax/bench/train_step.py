@@ -1,0 +1,215 @@
+"""Speed of one stage-1 train step (BrainEncoder, dual-stream loss, AdamW) in JAX and in PyTorch.
+
+Reports, on this machine's default JAX device and in float32:
+
+- ``matmul_flops_per_s``: the device's dense matmul rate, the best of several
+  jitted ``[2048, 2048] x [2048, 2048]`` products;
+- ``step_flops``: the train step's matmul FLOPs, counted analytically (formula in
+  ``train_step_flops``), and XLA's own count of the compiled step for reference;
+- ``flops_per_s`` and ``matmul_peak_fraction``: the jitted step's achieved rate
+  (optax AdamW, donated state) over the matmul rate;
+- ``speedup_vs_torch``: the PyTorch eager step time (``vit3d_torch``, same weights,
+  same batch, ``torch.set_num_threads(os.cpu_count())``) over ours.
+
+Step times are medians of ``repeats`` runs after one untimed warm-up, the JAX and
+PyTorch runs interleaved so a busy machine slows both alike. Prints one JSON
+object. Run ``python -m nvl_jax.bench.train_step --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nvl_jax.models.vit3d import BrainEncoder, ViT3DConfig, dual_stream_loss
+
+ADAMW = {"learning_rate": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of ``repeats`` jitted ``[size, size] x [size, size]`` float32 matmuls."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def train_step_flops(config: ViT3DConfig, batch: int, n_active: int) -> int:
+    """Matmul FLOPs of one train step (elementwise work, softmax and AdamW not counted).
+
+    A matmul of ``m x k`` by ``k x n`` is ``2 m k n`` FLOPs forward and twice that
+    backward (input and weight gradients), so a step is 3x the forward, except the
+    patch embedding, whose input (the data) needs no gradient: 2x. Per layer, on
+    ``batch * (1 + n_active)`` tokens of width ``d``: q/k/v and output projections
+    ``4 d^2``, MLP ``2 * mlp_ratio * d^2`` multiply-adds per token, and attention's
+    ``q k^T`` and ``p v``, ``2 (1 + n_active) d`` per token. The heads run on the
+    CLS token only.
+    """
+    tokens, width = 1 + n_active, config.width
+    layer = batch * tokens * (4 + 2 * config.mlp_ratio) * width**2 + 2 * batch * tokens**2 * width
+    heads = batch * config.head_hidden * (2 * width + config.clip_dim + math.prod(config.vae_latent_shape))
+    embed = batch * n_active * config.patch_dim * width
+    return 2 * (3 * (config.depth * layer + heads) + 2 * embed)
+
+
+def random_batch(config: ViT3DConfig, batch: int, n_active: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random patches and targets; the first ``n_active`` grid positions in C order."""
+    if not 0 < n_active <= config.num_positions:
+        raise ValueError(f"n_active {n_active} must be in [1, {config.num_positions}] for grid {config.patch_grid}")
+    rng = np.random.default_rng(seed)
+    coords = np.stack(np.unravel_index(np.arange(n_active), config.patch_grid), axis=-1).astype(np.int32)
+    return {
+        "patches": rng.standard_normal((batch, n_active, config.patch_dim), np.float32),
+        "coords": coords,
+        "clip_target": rng.standard_normal((batch, config.clip_dim), np.float32),
+        "vae_target": rng.standard_normal((batch, *config.vae_latent_shape), np.float32),
+    }
+
+
+def jax_train_step(model: BrainEncoder):
+    """``(step, state)``: a jitted AdamW step ``step(state, batch) -> (state, loss)`` with donated state."""
+    optimizer = nnx.Optimizer(model, optax.adamw(**ADAMW), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            output = model(batch["patches"], batch["coords"])
+            return dual_stream_loss(output, batch["clip_target"], batch["vae_target"])[0]
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    return jax.jit(step, donate_argnums=0), state
+
+
+def _torch_side(model: BrainEncoder, config: ViT3DConfig, batch: dict[str, np.ndarray]):
+    """The PyTorch twin with ``model``'s weights and a closure running one of its train steps."""
+    import torch
+
+    from nvl_jax.bench import vit3d_torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch_model = vit3d_torch.load_from_nnx(vit3d_torch.BrainEncoder(config), model).train()
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=ADAMW["learning_rate"],
+                                  betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
+                                  weight_decay=ADAMW["weight_decay"])
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tensors["coords"] = tensors["coords"].long()
+
+    def step():
+        return float(vit3d_torch.train_step(torch_model, optimizer, tensors["patches"], tensors["coords"],
+                                            tensors["clip_target"], tensors["vae_target"]))
+
+    return step, torch.__version__
+
+
+def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 288, patch_size: int = 14,
+            batch: int = 8, repeats: int = 5, compare_torch: bool = True, seed: int = 0) -> dict:
+    """Times the stage-1 train step at this size; returns the report described in the module docstring."""
+    config = dataclasses.replace(ViT3DConfig.paper(patch_size), width=width, depth=layers, num_heads=heads)
+    data = random_batch(config, batch, n_active, seed)
+    model = BrainEncoder(config, rngs=nnx.Rngs(seed))
+    runners, first_loss, report = {}, {}, {}
+    if compare_torch:
+        runners["torch"], report["torch_version"] = _torch_side(model, config, data)
+
+    step, state = jax_train_step(model)
+    device_batch = jax.device_put(data)
+    compiled = step.lower(state, device_batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    holder = {"state": state}
+
+    def run_jax():
+        holder["state"], loss = compiled(holder["state"], device_batch)
+        return float(loss)
+
+    runners["jax"] = run_jax
+    times = {name: [] for name in runners}
+    for name, run in runners.items():
+        first_loss[name] = run()  # warm-up, untimed
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    flops = train_step_flops(config, batch, n_active)
+    peak = matmul_flops_per_s()
+    seconds = statistics.median(times["jax"])
+    report.update({
+        "layers": layers, "width": width, "heads": heads, "n_active": n_active, "tokens": n_active + 1,
+        "patch_size": patch_size, "batch": batch, "repeats": repeats,
+        "matmul_flops_per_s": peak,
+        "step_flops": flops,
+        "step_flops_xla_cost_analysis": float(cost.get("flops", float("nan"))),
+        "step_seconds_jax": seconds,
+        "step_seconds_jax_best": min(times["jax"]),
+        "flops_per_s": flops / seconds,
+        "matmul_peak_fraction": flops / seconds / peak,
+        "samples_per_s_jax": batch / seconds,
+        "first_step_loss_jax": first_loss["jax"],
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "jax_version": jax.__version__,
+    })
+    if compare_torch:
+        torch_seconds = statistics.median(times["torch"])
+        report.update({
+            "step_seconds_torch": torch_seconds,
+            "step_seconds_torch_best": min(times["torch"]),
+            "samples_per_s_torch": batch / torch_seconds,
+            "flops_per_s_torch": flops / torch_seconds,
+            "speedup_vs_torch": torch_seconds / seconds,
+            "first_step_loss_torch": first_loss["torch"],
+        })
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m nvl_jax.bench.train_step", description=__doc__.split("\n\n")[0],
+        epilog="Prints one JSON object: matmul_peak_fraction, speedup_vs_torch, step times, FLOP/s, samples/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=8, help="transformer layers")
+    p.add_argument("--width", type=int, default=512, help="hidden size")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--n_active", type=int, default=288, help="active patches (tokens = n_active + 1)")
+    p.add_argument("--patch_size", type=int, default=14, help="patch edge P (patch_dim = P**3)")
+    p.add_argument("--batch", type=int, default=8, help="samples per step")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per side (the median is reported)")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(json.dumps(measure(layers=args.layers, width=args.width, heads=args.heads, n_active=args.n_active,
+                             patch_size=args.patch_size, batch=args.batch, repeats=args.repeats,
+                             compare_torch=not args.no_torch, seed=args.seed), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""ViT3D, the paper's fMRI feature extractor, and its dual-stream alignment heads (stage 1).
+
+The extractor is a pre-LayerNorm vision transformer over the active 3-D patches
+of a volume: each flattened ``P**3`` patch is embedded by one dense layer, a
+learned position table over the whole padded patch grid is indexed by the
+patches' grid coordinates, and a CLS token is prepended. Two 2-layer MLP heads
+read the last layer's CLS token: ``f_c`` predicts the CLIP image embedding and
+``f_v`` the Stable Diffusion VAE latent of the stimulus.
+
+Parameters are float32; ``ViT3DConfig.compute_dtype`` sets the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from nvl_jax.models import layers
+from nvl_jax.models.layers import Embed, LayerNorm, activation, param
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViT3DConfig:
+    """Extractor and heads. ``patch_grid``: patches per axis of the padded common grid."""
+
+    patch_size: int = 14
+    patch_grid: tuple[int, int, int] = (6, 8, 6)
+    width: int = 768
+    depth: int = 16
+    num_heads: int = 12
+    mlp_ratio: int = 4
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    clip_dim: int = 768
+    vae_latent_shape: tuple[int, int, int] = (64, 64, 4)
+    head_hidden: int = 1024
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} does not split into {self.num_heads} heads")
+        if len(self.patch_grid) != 3 or len(self.vae_latent_shape) != 3:
+            raise ValueError(f"patch_grid {self.patch_grid} and vae_latent_shape {self.vae_latent_shape} "
+                             "must have three entries each")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
+        activation(self.hidden_act)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**3
+
+    @property
+    def num_positions(self) -> int:
+        return math.prod(self.patch_grid)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @classmethod
+    def paper(cls, patch_size: int = 14, grid: tuple[int, int, int] = (83, 104, 81)) -> ViT3DConfig:
+        """16 layers, width 768, 12 heads, on ``grid`` zero-padded up to a multiple of ``patch_size``."""
+        return cls(patch_size=patch_size, patch_grid=tuple(-(-n // patch_size) for n in grid))
+
+    @classmethod
+    def tiny(cls) -> ViT3DConfig:
+        """A few thousand parameters, for tests."""
+        return cls(patch_size=4, patch_grid=(2, 3, 2), width=32, depth=2, num_heads=4, clip_dim=16,
+                   vae_latent_shape=(4, 4, 4), head_hidden=32)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViT3DConfig:
+        """Inverse of ``to_dict``, also after a JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@struct.dataclass
+class ViT3DOutput:
+    """``cls [batch, width]``: the CLS token after the final LayerNorm.
+    ``tokens [batch, 1 + n_active, width]``: every token after the final LayerNorm, CLS first.
+    ``hidden_states``: ``depth`` arrays ``[batch, 1 + n_active, width]``, each layer's output
+    (before the final LayerNorm); None unless asked for.
+    """
+
+    cls: jax.Array
+    tokens: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+@struct.dataclass
+class Stage1Output:
+    """``clip_embedding [batch, clip_dim]``, ``vae_latent [batch, h, w, c]``: the heads' predictions.
+    ``cls`` and ``hidden_states``: as in ``ViT3DOutput``.
+    """
+
+    clip_embedding: jax.Array
+    vae_latent: jax.Array
+    cls: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+# JAX's own transpose rule computes a kernel's gradient as dot(g, x) followed by a
+# transpose, so XLA CPU materializes g transposed; it then fuses the whole chain of
+# residual-stream gradient additions into each such transposed copy and recomputes
+# it once per layer (quadratic in depth, most of a train step at 8 layers). With
+# x as the left operand the transposed copy is of x, a stored activation.
+@jax.custom_vjp
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                                  (((0,), (0,)), ((), ())))
+    return dx, dkernel
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(layers.Dense):
+    """``layers.Dense`` whose kernel gradient is one ``x^T g`` matmul over ``[batch * tokens, in]``."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _matmul(x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+# Softmax attention with a hand-written backward pass. The forward keeps the
+# unnormalized weights exp(s - max) and divides the [T, head_dim] output by the row
+# sums instead of normalizing the [T, T] weights; the backward uses
+# rowsum(P * dP) = rowsum(dO * O), a pass over [T, head_dim] instead of [T, T].
+# q, k and v arrive stacked so that their gradient is one array, not three
+# zero-padded ones summed.
+@jax.custom_vjp
+def _attention(qkv: jax.Array) -> jax.Array:
+    return _attention_fwd(qkv)[0]
+
+
+def _attention_fwd(qkv):
+    q, k, v = qkv
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True)).astype(v.dtype)
+    inv_sum = 1.0 / weights.sum(-1, keepdims=True, dtype=jnp.float32)
+    out = jnp.einsum("bnts,bnsh->bnth", weights, v, preferred_element_type=jnp.float32) * inv_sum
+    out = out.astype(v.dtype)
+    return out, (qkv, weights, inv_sum, out)
+
+
+def _attention_bwd(residuals, g):
+    (q, k, v), weights, inv_sum, out = residuals
+    dtype = v.dtype
+    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    dprobs = jnp.einsum("bnth,bnsh->bnts", g, v, preferred_element_type=jnp.float32)
+    dlogits = (weights * inv_sum * (dprobs - delta)).astype(dtype)
+    dq = jnp.einsum("bnts,bnsh->bnth", dlogits, k)
+    dk = jnp.einsum("bnts,bnth->bnsh", dlogits, q)
+    dv = jnp.einsum("bnts,bnth->bnsh", weights, (g * inv_sum).astype(dtype))
+    return (jnp.stack([dq, dk, dv]).astype(dtype),)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(qkv: jax.Array) -> jax.Array:
+    """Softmax attention without mask: ``qkv [3, batch, heads, T, head_dim]`` (q pre-scaled)
+    -> ``[batch, heads, T, head_dim]``.
+    """
+    return _attention(qkv)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention; q, k and v come from one ``[width, 3 * width]`` projection."""
+
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = Dense(width, 3 * width, axes=("embed", "heads"), rngs=rngs)
+        self.out = Dense(width, width, axes=("heads", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [batch, T, width]`` -> ``[batch, T, width]``."""
+        batch, length, width = x.shape
+        head_dim = width // self.num_heads
+        # Scaling q (not the [T, T] logits) folds into the transpose to head-major order.
+        scale = jnp.asarray([head_dim**-0.5, 1.0, 1.0], x.dtype)[:, None, None, None, None]
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        y = attention(qkv * scale)
+        return self.out(y.transpose(0, 2, 1, 3).reshape(batch, length, width))
+
+
+class MLP(nnx.Module):
+    """``fc2(act(fc1(x)))``; ``out_axis`` names the output's logical axis."""
+
+    def __init__(self, features: int, hidden: int, out_features: int, act: str, *,
+                 out_axis: str | None = "embed", rngs: nnx.Rngs):
+        # Recomputed in the backward pass: saves writing the activation's derivative terms.
+        self.act = jax.checkpoint(activation(act))
+        self.fc1 = Dense(features, hidden, axes=("embed", "mlp"), rngs=rngs)
+        self.fc2 = Dense(hidden, out_features, axes=("mlp", out_axis), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LayerNorm transformer block; dropout on each residual branch."""
+
+    def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs):
+        width, eps = config.width, config.layer_norm_eps
+        self.norm1 = LayerNorm(width, eps=eps, rngs=rngs)
+        self.attn = SelfAttention(width, config.num_heads, rngs=rngs)
+        self.norm2 = LayerNorm(width, eps=eps, rngs=rngs)
+        self.mlp = MLP(width, config.mlp_ratio * width, width, config.hidden_act, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        x = x + self.dropout(self.attn(self.norm1(x)), deterministic=rngs is None, rngs=rngs)
+        return x + self.dropout(self.mlp(self.norm2(x)), deterministic=rngs is None, rngs=rngs)
+
+
+class ViT3D(nnx.Module):
+    """The transformer over active patches; ``__call__`` returns a ``ViT3DOutput``."""
+
+    def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        width = config.width
+        self.patch_embed = Dense(config.patch_dim, width, axes=("patch", "embed"), rngs=rngs)
+        self.position_embedding = Embed(config.num_positions, width, axes=("position", "embed"), rngs=rngs)
+        self.cls_token = param(rngs, nnx.initializers.normal(0.02), (width,), jnp.float32, ("embed",))
+        self.dropout = nnx.Dropout(config.dropout)
+        self.blocks = nnx.List([EncoderBlock(config, rngs=rngs) for _ in range(config.depth)])
+        self.norm = LayerNorm(width, eps=config.layer_norm_eps, rngs=rngs)
+
+    def __call__(self, patches: jax.Array, coords: jax.Array, *, output_hidden_states: bool = False,
+                 rngs: nnx.Rngs | None = None) -> ViT3DOutput:
+        """``patches [batch, n_active, P**3]``; ``coords`` int ``[n_active, 3]``, each patch's
+        (x, y, z) on the patch grid, shared by the whole batch. Dropout runs only when
+        ``rngs`` is given.
+        """
+        cfg = self.config
+        batch, n_active, patch_dim = patches.shape
+        if patch_dim != cfg.patch_dim or coords.shape != (n_active, 3):
+            raise ValueError(f"ViT3D takes patches [batch, n_active, {cfg.patch_dim}] and coords [n_active, 3], "
+                             f"got {list(patches.shape)} and {list(coords.shape)}")
+        dtype = cfg.dtype
+        _, ny, nz = cfg.patch_grid
+        positions = (coords[:, 0] * ny + coords[:, 1]) * nz + coords[:, 2]
+        x = self.patch_embed(patches.astype(dtype)) + self.position_embedding(positions).astype(dtype)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, cfg.width))
+        x = self.dropout(jnp.concatenate([cls, x], axis=1), deterministic=rngs is None, rngs=rngs)
+        hidden_states = []
+        for block in self.blocks:
+            x = block(x, rngs)
+            hidden_states.append(x)
+        tokens = self.norm(x)
+        return ViT3DOutput(cls=tokens[:, 0], tokens=tokens,
+                           hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+
+class AlignmentHeads(nnx.Module):
+    """``f_c``: CLS -> CLIP image embedding; ``f_v``: CLS -> VAE latent (predicted flat)."""
+
+    def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.latent_shape = config.vae_latent_shape
+        self.clip = MLP(config.width, config.head_hidden, config.clip_dim, config.hidden_act, out_axis=None,
+                        rngs=rngs)
+        self.vae = MLP(config.width, config.head_hidden, math.prod(config.vae_latent_shape), config.hidden_act,
+                       out_axis=None, rngs=rngs)
+
+    def __call__(self, cls: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``cls [batch, width]`` -> ``([batch, clip_dim], [batch, h, w, c])``."""
+        return self.clip(cls), self.vae(cls).reshape(cls.shape[0], *self.latent_shape)
+
+
+class BrainEncoder(nnx.Module):
+    """ViT3D plus the alignment heads: the model trained in stage 1."""
+
+    def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.vit = ViT3D(config, rngs=rngs)
+        self.heads = AlignmentHeads(config, rngs=rngs)
+
+    def __call__(self, patches: jax.Array, coords: jax.Array, *, output_hidden_states: bool = False,
+                 rngs: nnx.Rngs | None = None) -> Stage1Output:
+        """``patches [batch, n_active, P**3]``, ``coords [n_active, 3]`` as in ``ViT3D``."""
+        features = self.vit(patches, coords, output_hidden_states=output_hidden_states, rngs=rngs)
+        clip_embedding, vae_latent = self.heads(features.cls)
+        return Stage1Output(clip_embedding=clip_embedding, vae_latent=vae_latent, cls=features.cls,
+                            hidden_states=features.hidden_states)
+
+
+def dual_stream_loss(output: Stage1Output, clip_target: jax.Array, vae_target: jax.Array,
+                     alpha: float = 1 / 64) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``MSE_clip + alpha * MSE_vae``, each MSE a mean over all elements (batch included).
+
+    ``clip_target [batch, clip_dim]``, ``vae_target [batch, h, w, c]``. Computed in float32.
+    Returns ``(loss, {"loss", "mse_clip", "mse_vae"})``.
+    """
+    mse_clip = jnp.mean(jnp.square(output.clip_embedding.astype(jnp.float32) - clip_target.astype(jnp.float32)))
+    mse_vae = jnp.mean(jnp.square(output.vae_latent.astype(jnp.float32) - vae_target.astype(jnp.float32)))
+    loss = mse_clip + alpha * mse_vae
+    return loss, {"loss": loss, "mse_clip": mse_clip, "mse_vae": mse_vae}
