@@ -11,9 +11,9 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from nvl_jax.train import CONFIGS, default_workdir
+from nvl_jax.training.experiment import DEFAULT_CONFIG, default_workdir
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIGS / "demo.py"), "ml_collections config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder (default: runs/<config name>)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the newest)")

@@ -9,22 +9,16 @@ unknown fields are an error.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags
 from ml_collections import config_flags
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from nvl_jax.training.experiment import DEFAULT_CONFIG, default_workdir
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIGS / "demo.py"), "ml_collections config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and eval.json go "
                                "(default: runs/<config name>)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (TPU pods, SLURM)")
-
-
-def default_workdir(config_path: str) -> Path:
-    return Path("runs") / Path(config_path.split(":")[0]).stem
 
 
 def main(argv: list[str]) -> None:

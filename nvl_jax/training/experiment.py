@@ -23,6 +23,16 @@ from nvl_jax.data import volumes
 from nvl_jax.models import vit3d
 from nvl_jax.training.steps import Preprocessing
 
+# The entry points' defaults: the demo config, and a run folder named after the config.
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = CONFIGS / "demo.py"
+
+
+def default_workdir(config_path: str) -> Path:
+    """``runs/<config file stem>`` for ``--config=configs/nsd.py[:args]``."""
+    return Path("runs") / Path(config_path.split(":")[0]).stem
+
+
 PREPARE_HINT = (
     "Prepare a dataset in nvl_jax's format (docs/data_format.md) there, or point --config.data.root at one. "
     "For an in-silico NSD: python -m nvl_jax.data.synthetic --out {root}")
