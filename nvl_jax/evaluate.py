@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nvl_jax.training.experiment import DEFAULT_CONFIG, default_workdir
@@ -46,6 +46,8 @@ def evaluate_run(config, workdir: str | Path, step: int | None = None) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; the progress bar says enough
+        logging.set_verbosity(logging.WARNING)
     evaluate_run(_CONFIG.value, _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename), _STEP.value)
 
 

@@ -9,7 +9,7 @@ unknown fields are an error.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nvl_jax.training.experiment import DEFAULT_CONFIG, default_workdir
@@ -24,6 +24,8 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initial
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; the progress bar says enough
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     if _MULTIHOST.value:
