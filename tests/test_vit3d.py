@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,7 @@ from nvl_jax import sharding
 from nvl_jax.bench import train_step, vit3d_torch
 from nvl_jax.models import vit3d
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = vit3d.ViT3DConfig.tiny()
 TORCH_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -36,6 +41,17 @@ def loss_of(model, batch):
     return vit3d.dual_stream_loss(output, batch["clip_target"], batch["vae_target"])[0]
 
 
+# Jitted, so that a cold compilation cache compiles each test's model once, not op by op.
+@nnx.jit(static_argnames="output_hidden_states")
+def forward(model, patches, coords, output_hidden_states=False):
+    return model(patches, coords, output_hidden_states=output_hidden_states)
+
+
+@nnx.jit
+def value_and_grad(model, batch):
+    return nnx.value_and_grad(loss_of)(model, batch)
+
+
 @pytest.fixture(scope="module")
 def models():
     """Our tiny model (seeded) and the PyTorch twin holding the same weights."""
@@ -48,7 +64,7 @@ def models():
 def test_forward_loss_and_gradients_match_pytorch(models, batch_size, n_active):
     ours, theirs = models
     batch = make_batch(CONFIG, batch_size, n_active, seed=n_active)
-    output = ours(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"]))
+    output = forward(ours, batch["patches"], batch["coords"])
     t = {k: torch.from_numpy(v) for k, v in batch.items()}
     theirs.zero_grad()
     clip_embedding, vae_latent, cls = theirs(t["patches"], t["coords"].long())
@@ -58,7 +74,7 @@ def test_forward_loss_and_gradients_match_pytorch(models, batch_size, n_active):
         assert mine.shape == tuple(ref.shape)
         np.testing.assert_allclose(np.asarray(mine), ref.detach().numpy(), atol=1e-4, rtol=0)
 
-    our_loss, grads = nnx.value_and_grad(loss_of)(ours, batch)
+    our_loss, grads = value_and_grad(ours, batch)
     np.testing.assert_allclose(float(our_loss), loss.item(), atol=1e-5, rtol=0)
     # The hand-written matmul and attention backward passes against torch autograd.
     torch_params = dict(theirs.named_parameters())
@@ -80,10 +96,15 @@ def test_attention_gradient_matches_autodiff_of_the_reference():
         return t(jax.nn.dot_product_attention(t(q) * 8**0.5, t(k), t(v)))
 
     cotangent = jax.random.normal(jax.random.key(1), (2, 4, 9, 8))
-    out, vjp = jax.vjp(ours, q, k, v)
-    ref_out, ref_vjp = jax.vjp(reference, q, k, v)
+
+    @jax.jit
+    def value_and_vjp(q, k, v):
+        outs = [jax.vjp(f, q, k, v) for f in (ours, reference)]
+        return [(out, vjp(cotangent)) for out, vjp in outs]
+
+    (out, grads), (ref_out, ref_grads) = value_and_vjp(q, k, v)
     np.testing.assert_allclose(out, ref_out, atol=1e-6)
-    for mine, ref in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
+    for mine, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(mine, ref, atol=1e-5)
 
 
@@ -92,7 +113,7 @@ def test_shapes_and_dtypes(compute_dtype):
     config = dataclasses.replace(CONFIG, compute_dtype=compute_dtype)
     model = vit3d.BrainEncoder(config)
     batch = make_batch(config, 2, 5, seed=0)
-    output = model(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"]), output_hidden_states=True)
+    output = forward(model, batch["patches"], batch["coords"], output_hidden_states=True)
     dtype = jnp.dtype(compute_dtype)
     assert output.clip_embedding.shape == (2, config.clip_dim) and output.clip_embedding.dtype == dtype
     assert output.vae_latent.shape == (2, *config.vae_latent_shape) and output.vae_latent.dtype == dtype
@@ -106,8 +127,8 @@ def test_shapes_and_dtypes(compute_dtype):
 
 def test_bfloat16_compute_stays_close_to_float32():
     batch = make_batch(CONFIG, 2, 6, seed=3)
-    outputs = [vit3d.BrainEncoder(dataclasses.replace(CONFIG, compute_dtype=d))(
-        jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"])) for d in ("float32", "bfloat16")]
+    outputs = [forward(vit3d.BrainEncoder(dataclasses.replace(CONFIG, compute_dtype=d)), batch["patches"],
+                       batch["coords"]) for d in ("float32", "bfloat16")]
     # bfloat16 keeps 8 mantissa bits: a few percent of the outputs' scale (about 1) over 2 layers.
     np.testing.assert_allclose(np.asarray(outputs[1].clip_embedding, np.float32), outputs[0].clip_embedding,
                                atol=0.1)
@@ -118,24 +139,24 @@ def test_tokens_follow_their_coordinates():
     batch = make_batch(CONFIG, 2, 8, seed=4)
     patches, coords = jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"])
     perm = np.random.default_rng(0).permutation(8)
-    base = model(patches, coords)
-    permuted = model(patches[:, perm], coords[perm])
+    base = forward(model, patches, coords)
+    permuted = forward(model, patches[:, perm], coords[perm])
     # Same patches at the same places in another order: the CLS output does not change,
     # and every patch token moves with its patch.
     np.testing.assert_allclose(permuted.cls, base.cls, atol=1e-5)
     np.testing.assert_allclose(permuted.tokens[:, 1:], base.tokens[:, 1:][:, perm], atol=1e-5)
     # The same patches at other places do change it: the position table is really indexed.
-    moved = model(patches, coords[perm])
+    moved = forward(model, patches, coords[perm])
     assert np.abs(np.asarray(moved.cls - base.cls)).max() > 1e-3
 
 
 def test_hidden_states_are_each_layers_output():
     model = vit3d.ViT3D(CONFIG)
     batch = make_batch(CONFIG, 2, 5, seed=5)
-    output = model(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"]), output_hidden_states=True)
+    output = forward(model, batch["patches"], batch["coords"], output_hidden_states=True)
     assert len(output.hidden_states) == CONFIG.depth
     np.testing.assert_allclose(model.norm(output.hidden_states[-1]), output.tokens, atol=1e-6)
-    assert model(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"])).hidden_states is None
+    assert forward(model, batch["patches"], batch["coords"]).hidden_states is None
 
 
 def test_dropout_runs_only_with_rngs():
@@ -153,7 +174,7 @@ def test_dropout_runs_only_with_rngs():
 
 def test_dual_stream_loss_is_mse_clip_plus_alpha_mse_vae():
     batch = make_batch(CONFIG, 2, 5, seed=7)
-    output = vit3d.BrainEncoder(CONFIG)(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"]))
+    output = forward(vit3d.BrainEncoder(CONFIG), batch["patches"], batch["coords"])
     loss, metrics = vit3d.dual_stream_loss(output, batch["clip_target"], batch["vae_target"], alpha=0.25)
     mse_clip = np.mean((np.asarray(output.clip_embedding) - batch["clip_target"]) ** 2)
     mse_vae = np.mean((np.asarray(output.vae_latent) - batch["vae_target"]) ** 2)
@@ -210,3 +231,17 @@ def test_train_step_benchmark_reports_the_same_computation_on_both_sides():
     assert report["step_flops"] == train_step.train_step_flops(
         dataclasses.replace(vit3d.ViT3DConfig.paper(4), width=32, depth=1, num_heads=4), 2, 10)
     assert report["matmul_flops_per_s"] > 0 and report["samples_per_s_jax"] > 0
+    assert report["page_faults_per_step_jax"] >= 0 and report["system_seconds_per_step_torch"] >= 0
+
+
+def test_train_step_cli_reruns_itself_with_the_glibc_tunables():
+    flags = ["--layers", "1", "--width", "32", "--heads", "4", "--n_active", "10", "--patch_size", "4",
+             "--batch", "2", "--repeats", "1", "--no_torch", "--keep_memory"]
+    # One host device, as a user running the script has: the 8 virtual test devices are not inherited.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    result = subprocess.run([sys.executable, "-m", "nvl_jax.bench.train_step", *flags], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["glibc_keeps_memory"] is True
+    assert "speedup_vs_torch" not in report and report["step_seconds_jax"] > 0

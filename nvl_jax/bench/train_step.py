@@ -12,8 +12,16 @@ Reports, on this machine's default JAX device and in float32:
   same batch, ``torch.set_num_threads(os.cpu_count())``) over ours.
 
 Step times are medians of ``repeats`` runs after one untimed warm-up, the JAX and
-PyTorch runs interleaved so a busy machine slows both alike. Prints one JSON
-object. Run ``python -m nvl_jax.bench.train_step --help`` for the options.
+PyTorch runs interleaved so a busy machine slows both alike. Each side's kernel
+time and minor page faults per step are reported too: XLA CPU allocates a step's
+scratch buffer (about 1 GB at the default size) on a worker thread, whose glibc
+arena serves it with a fresh ``mmap`` and unmaps it on free, so every step faults
+in and zeroes that gigabyte again (0.5 to 1.5 CPU-seconds of kernel time per step
+here). ``--keep_memory`` reruns the benchmark under glibc tunables (one arena, no
+``mmap`` allocations, no trimming) that keep freed memory mapped, so the buffer is
+reused; both sides run under them.
+
+Prints one JSON object. Run ``python -m nvl_jax.bench.train_step --help`` for the options.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -36,6 +46,11 @@ from flax import nnx
 from nvl_jax.models.vit3d import BrainEncoder, ViT3DConfig, dual_stream_loss
 
 ADAMW = {"learning_rate": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+KEEP_MEMORY_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+
+
+def keep_memory_on() -> bool:
+    return KEEP_MEMORY_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
@@ -124,14 +139,32 @@ def _torch_side(model: BrainEncoder, config: ViT3DConfig, batch: dict[str, np.nd
     return step, torch.__version__
 
 
+def _interleaved_runs(runners: dict, repeats: int) -> dict[str, dict]:
+    """One untimed warm-up per runner, then ``repeats`` rounds running each once.
+
+    Per runner: its first (warm-up) result, the wall times, and the mean kernel
+    seconds and minor page faults per run (``getrusage``, every thread of the process).
+    """
+    stats = {name: {"first": run(), "times": [], "system": 0.0, "faults": 0.0} for name, run in runners.items()}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            run()
+            stats[name]["times"].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            stats[name]["system"] += (after.ru_stime - before.ru_stime) / repeats
+            stats[name]["faults"] += (after.ru_minflt - before.ru_minflt) / repeats
+    return stats
+
+
 def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 288, patch_size: int = 14,
             batch: int = 8, repeats: int = 5, compare_torch: bool = True, seed: int = 0) -> dict:
     """Times the stage-1 train step at this size; returns the report described in the module docstring."""
     config = dataclasses.replace(ViT3DConfig.paper(patch_size), width=width, depth=layers, num_heads=heads)
     data = random_batch(config, batch, n_active, seed)
     model = BrainEncoder(config, rngs=nnx.Rngs(seed))
-    runners, first_loss, report = {}, {}, {}
-    if compare_torch:
+    runners, report = {}, {}
+    if compare_torch:  # built first: the JAX step donates the model's weights
         runners["torch"], report["torch_version"] = _torch_side(model, config, data)
 
     step, state = jax_train_step(model)
@@ -146,44 +179,37 @@ def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 2
         return float(loss)
 
     runners["jax"] = run_jax
-    times = {name: [] for name in runners}
-    for name, run in runners.items():
-        first_loss[name] = run()  # warm-up, untimed
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-
+    stats = _interleaved_runs(runners, repeats)
     flops = train_step_flops(config, batch, n_active)
     peak = matmul_flops_per_s()
-    seconds = statistics.median(times["jax"])
     report.update({
         "layers": layers, "width": width, "heads": heads, "n_active": n_active, "tokens": n_active + 1,
         "patch_size": patch_size, "batch": batch, "repeats": repeats,
         "matmul_flops_per_s": peak,
         "step_flops": flops,
         "step_flops_xla_cost_analysis": float(cost.get("flops", float("nan"))),
-        "step_seconds_jax": seconds,
-        "step_seconds_jax_best": min(times["jax"]),
-        "flops_per_s": flops / seconds,
-        "matmul_peak_fraction": flops / seconds / peak,
-        "samples_per_s_jax": batch / seconds,
-        "first_step_loss_jax": first_loss["jax"],
+    })
+    for side, s in stats.items():
+        seconds = statistics.median(s["times"])
+        report.update({
+            f"step_seconds_{side}": seconds,
+            f"step_seconds_{side}_best": min(s["times"]),
+            f"flops_per_s_{side}": flops / seconds,
+            f"samples_per_s_{side}": batch / seconds,
+            f"first_step_loss_{side}": s["first"],
+            f"system_seconds_per_step_{side}": s["system"],
+            f"page_faults_per_step_{side}": s["faults"],
+        })
+    report["flops_per_s"] = report["flops_per_s_jax"]
+    report["matmul_peak_fraction"] = report["flops_per_s_jax"] / peak
+    if compare_torch:
+        report["speedup_vs_torch"] = report["step_seconds_torch"] / report["step_seconds_jax"]
+    report.update({
+        "glibc_keeps_memory": keep_memory_on(),
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
         "jax_version": jax.__version__,
     })
-    if compare_torch:
-        torch_seconds = statistics.median(times["torch"])
-        report.update({
-            "step_seconds_torch": torch_seconds,
-            "step_seconds_torch_best": min(times["torch"]),
-            "samples_per_s_torch": batch / torch_seconds,
-            "flops_per_s_torch": flops / torch_seconds,
-            "speedup_vs_torch": torch_seconds / seconds,
-            "first_step_loss_torch": first_loss["torch"],
-        })
     return report
 
 
@@ -201,11 +227,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side (the median is reported)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    p.add_argument("--keep_memory", action="store_true",
+                   help=f"rerun under GLIBC_TUNABLES={KEEP_MEMORY_TUNABLES}")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.keep_memory and not keep_memory_on():
+        # glibc reads its tunables once, at process start.
+        tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), KEEP_MEMORY_TUNABLES]))
+        os.execve(sys.executable, [sys.executable, "-m", "nvl_jax.bench.train_step", *argv],
+                  dict(os.environ, GLIBC_TUNABLES=tunables))
     print(json.dumps(measure(layers=args.layers, width=args.width, heads=args.heads, n_active=args.n_active,
                              patch_size=args.patch_size, batch=args.batch, repeats=args.repeats,
                              compare_torch=not args.no_torch, seed=args.seed), indent=1))
