@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nvl_jax import runtime
 from nvl_jax.training.experiment import DEFAULT_CONFIG, default_workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "ml_collections config file.",
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; the progress bar says enough
         logging.set_verbosity(logging.WARNING)
+    runtime.keep_freed_memory()  # before JAX's first thread: see nvl_jax/runtime.py
     import jax
 
     if _MULTIHOST.value:

@@ -11,15 +11,14 @@ Reports, on this machine's default JAX device and in float32:
 - ``speedup_vs_torch``: the PyTorch eager step time (``vit3d_torch``, same weights,
   same batch, ``torch.set_num_threads(os.cpu_count())``) over ours.
 
-Step times are medians of ``repeats`` runs after one untimed warm-up, the JAX and
-PyTorch runs interleaved so a busy machine slows both alike. Each side's kernel
-time and minor page faults per step are reported too: XLA CPU allocates a step's
-scratch buffer (about 1 GB at the default size) on a worker thread, whose glibc
-arena serves it with a fresh ``mmap`` and unmaps it on free, so every step faults
-in and zeroes that gigabyte again (0.5 to 1.5 CPU-seconds of kernel time per step
-here). ``--keep_memory`` reruns the benchmark under glibc tunables (one arena, no
-``mmap`` allocations, no trimming) that keep freed memory mapped, so the buffer is
-reused; both sides run under them.
+Each side runs in its own process, as its users run it: ours under
+``runtime.keep_freed_memory`` (which ``python -m nvl_jax.train`` applies: glibc
+keeps XLA's ~1 GB per-step scratch buffer mapped instead of faulting it in again
+every step), PyTorch under glibc's defaults, its faster setting on this CPU
+(``--same_allocator`` runs it under ours, to check). Step times are medians of
+``repeats`` runs after one untimed warm-up, the two processes' runs interleaved
+so a busy machine slows both alike; each side's kernel seconds and minor page
+faults per step are reported too.
 
 Prints one JSON object. Run ``python -m nvl_jax.bench.train_step --help`` for the options.
 """
@@ -34,6 +33,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,15 +43,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nvl_jax import runtime
 from nvl_jax.models.vit3d import BrainEncoder, ViT3DConfig, dual_stream_loss
 
 ADAMW = {"learning_rate": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
-KEEP_MEMORY_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-
-
-def keep_memory_on() -> bool:
-    return KEEP_MEMORY_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
-
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of the fastest of ``repeats`` jitted ``[size, size] x [size, size]`` float32 matmuls."""
@@ -136,59 +131,123 @@ def _torch_side(model: BrainEncoder, config: ViT3DConfig, batch: dict[str, np.nd
         return float(vit3d_torch.train_step(torch_model, optimizer, tensors["patches"], tensors["coords"],
                                             tensors["clip_target"], tensors["vae_target"]))
 
-    return step, torch.__version__
+    return step, {"torch_version": torch.__version__}
 
 
-def _interleaved_runs(runners: dict, repeats: int) -> dict[str, dict]:
-    """One untimed warm-up per runner, then ``repeats`` rounds running each once.
-
-    Per runner: its first (warm-up) result, the wall times, and the mean kernel
-    seconds and minor page faults per run (``getrusage``, every thread of the process).
-    """
-    stats = {name: {"first": run(), "times": [], "system": 0.0, "faults": 0.0} for name, run in runners.items()}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            run()
-            stats[name]["times"].append(time.perf_counter() - start)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            stats[name]["system"] += (after.ru_stime - before.ru_stime) / repeats
-            stats[name]["faults"] += (after.ru_minflt - before.ru_minflt) / repeats
-    return stats
-
-
-def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 288, patch_size: int = 14,
-            batch: int = 8, repeats: int = 5, compare_torch: bool = True, seed: int = 0) -> dict:
-    """Times the stage-1 train step at this size; returns the report described in the module docstring."""
-    config = dataclasses.replace(ViT3DConfig.paper(patch_size), width=width, depth=layers, num_heads=heads)
-    data = random_batch(config, batch, n_active, seed)
-    model = BrainEncoder(config, rngs=nnx.Rngs(seed))
-    runners, report = {}, {}
-    if compare_torch:  # built first: the JAX step donates the model's weights
-        runners["torch"], report["torch_version"] = _torch_side(model, config, data)
-
+def _jax_side(model: BrainEncoder, config: ViT3DConfig, batch: dict[str, np.ndarray]):
+    """Our jitted step, compiled, and a closure running it; with XLA's FLOP count and the matmul rate."""
     step, state = jax_train_step(model)
-    device_batch = jax.device_put(data)
+    device_batch = jax.device_put(batch)
     compiled = step.lower(state, device_batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     holder = {"state": state}
 
-    def run_jax():
+    def run():
         holder["state"], loss = compiled(holder["state"], device_batch)
         return float(loss)
 
-    runners["jax"] = run_jax
-    stats = _interleaved_runs(runners, repeats)
+    return run, {"step_flops_xla_cost_analysis": float(cost.get("flops", float("nan"))),
+                 "matmul_flops_per_s": matmul_flops_per_s(),
+                 "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+                 "jax_version": jax.__version__}
+
+
+_REPLY = "@@bench "  # marks the worker's protocol lines among whatever else the libraries print
+
+
+def _worker(side: str, sizes: dict, keep_memory: bool) -> None:
+    """One side's process: builds the model and its step, then runs a step per ``run`` line on stdin.
+
+    The allocator setting comes first, before any JAX or PyTorch thread exists.
+    Replies (one line each): the setup info, then per run its result, wall and
+    kernel seconds and minor page faults (``getrusage``: every thread of the process).
+    """
+    kept = runtime.keep_freed_memory() if keep_memory else False
+    config = dataclasses.replace(ViT3DConfig.paper(sizes["patch_size"]), width=sizes["width"],
+                                 depth=sizes["layers"], num_heads=sizes["heads"])
+    data = random_batch(config, sizes["batch"], sizes["n_active"], sizes["seed"])
+    model = BrainEncoder(config, rngs=nnx.Rngs(sizes["seed"]))  # same seed, same weights on both sides
+    run, info = (_jax_side if side == "jax" else _torch_side)(model, config, data)
+    print(_REPLY + json.dumps({**info, "keeps_freed_memory": kept}), flush=True)
+    for _ in sys.stdin:
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        result = run()
+        seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        print(_REPLY + json.dumps({"result": result, "seconds": seconds, "system": after.ru_stime - before.ru_stime,
+                                   "faults": after.ru_minflt - before.ru_minflt}), flush=True)
+
+
+class _Side:
+    """A running ``_worker`` process."""
+
+    def __init__(self, side: str, sizes: dict, keep_memory: bool):
+        command = [sys.executable, "-m", "nvl_jax.bench.train_step", "--worker", side, "--sizes", json.dumps(sizes)]
+        if keep_memory:
+            command.append("--keep_memory")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        raise RuntimeError(f"the benchmark worker {self.process.args[4]} exited with {self.process.wait()} "
+                           "(its error is printed above)")
+
+    def run(self) -> dict:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def _interleaved_runs(sides: dict[str, _Side], repeats: int) -> dict[str, dict]:
+    """One untimed warm-up per side, then ``repeats`` rounds running each side once.
+
+    Per side: its first (warm-up) result, the wall times, and the mean kernel
+    seconds and minor page faults per run.
+    """
+    stats = {name: {"first": side.run()["result"], "times": [], "system": 0.0, "faults": 0.0}
+             for name, side in sides.items()}
+    for _ in range(repeats):
+        for name, side in sides.items():
+            reply = side.run()
+            stats[name]["times"].append(reply["seconds"])
+            stats[name]["system"] += reply["system"] / repeats
+            stats[name]["faults"] += reply["faults"] / repeats
+    return stats
+
+
+def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 288, patch_size: int = 14,
+            batch: int = 8, repeats: int = 5, compare_torch: bool = True, seed: int = 0,
+            same_allocator: bool = False) -> dict:
+    """Times the stage-1 train step at this size; returns the report described in the module docstring.
+
+    Each side runs in its own process: JAX as ``nvl_jax.train`` runs it (``runtime.keep_freed_memory``),
+    PyTorch with glibc's default allocator, or under ours as well with ``same_allocator``.
+    """
+    sizes = {"layers": layers, "width": width, "heads": heads, "n_active": n_active, "patch_size": patch_size,
+             "batch": batch, "seed": seed}
+    sides = {"jax": _Side("jax", sizes, keep_memory=True)}
+    try:
+        if compare_torch:
+            sides["torch"] = _Side("torch", sizes, keep_memory=same_allocator)
+        stats = _interleaved_runs(sides, repeats)
+    finally:
+        for side in sides.values():
+            side.close()
+    config = dataclasses.replace(ViT3DConfig.paper(patch_size), width=width, depth=layers, num_heads=heads)
     flops = train_step_flops(config, batch, n_active)
-    peak = matmul_flops_per_s()
-    report.update({
-        "layers": layers, "width": width, "heads": heads, "n_active": n_active, "tokens": n_active + 1,
-        "patch_size": patch_size, "batch": batch, "repeats": repeats,
-        "matmul_flops_per_s": peak,
-        "step_flops": flops,
-        "step_flops_xla_cost_analysis": float(cost.get("flops", float("nan"))),
-    })
+    jax_info = sides["jax"].info
+    report = {**sizes, "tokens": n_active + 1, "repeats": repeats,
+              "matmul_flops_per_s": jax_info["matmul_flops_per_s"], "step_flops": flops,
+              "step_flops_xla_cost_analysis": jax_info["step_flops_xla_cost_analysis"]}
+    if compare_torch:
+        report["torch_version"] = sides["torch"].info["torch_version"]
     for side, s in stats.items():
         seconds = statistics.median(s["times"])
         report.update({
@@ -199,17 +258,14 @@ def measure(layers: int = 8, width: int = 512, heads: int = 8, n_active: int = 2
             f"first_step_loss_{side}": s["first"],
             f"system_seconds_per_step_{side}": s["system"],
             f"page_faults_per_step_{side}": s["faults"],
+            f"keeps_freed_memory_{side}": sides[side].info["keeps_freed_memory"],
         })
     report["flops_per_s"] = report["flops_per_s_jax"]
-    report["matmul_peak_fraction"] = report["flops_per_s_jax"] / peak
+    report["matmul_peak_fraction"] = report["flops_per_s_jax"] / report["matmul_flops_per_s"]
     if compare_torch:
         report["speedup_vs_torch"] = report["step_seconds_torch"] / report["step_seconds_jax"]
-    report.update({
-        "glibc_keeps_memory": keep_memory_on(),
-        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
-        "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-        "jax_version": jax.__version__,
-    })
+    report.update({"device": jax_info["device"], "cpu_count": os.cpu_count(),
+                   "processor": platform.processor() or platform.machine(), "jax_version": jax_info["jax_version"]})
     return report
 
 
@@ -227,22 +283,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side (the median is reported)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
-    p.add_argument("--keep_memory", action="store_true",
-                   help=f"rerun under GLIBC_TUNABLES={KEEP_MEMORY_TUNABLES}")
+    p.add_argument("--same_allocator", action="store_true",
+                   help="run PyTorch under nvl_jax's allocator setting too (it is slower there on CPU)")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--sizes", help=argparse.SUPPRESS)
+    p.add_argument("--keep_memory", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.keep_memory and not keep_memory_on():
-        # glibc reads its tunables once, at process start.
-        tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), KEEP_MEMORY_TUNABLES]))
-        os.execve(sys.executable, [sys.executable, "-m", "nvl_jax.bench.train_step", *argv],
-                  dict(os.environ, GLIBC_TUNABLES=tunables))
+    if args.worker:
+        _worker(args.worker, json.loads(args.sizes), args.keep_memory)
+        return
     print(json.dumps(measure(layers=args.layers, width=args.width, heads=args.heads, n_active=args.n_active,
                              patch_size=args.patch_size, batch=args.batch, repeats=args.repeats,
-                             compare_torch=not args.no_torch, seed=args.seed), indent=1))
+                             compare_torch=not args.no_torch, seed=args.seed,
+                             same_allocator=args.same_allocator), indent=1))
 
 
 if __name__ == "__main__":
