@@ -27,6 +27,8 @@ setup(
         # Configs and tokenizers only; transformers 5 imports no torch for these.
         "transformers>=5",
         "nibabel>=5.2",
+        # NSD's stimuli (nsd_stimuli.hdf5) and its HDF5 betas.
+        "h5py",
         # The MNI152 grey-matter template (in-silico masks) and brain plots.
         "nilearn>=0.11",
         "scipy",

@@ -35,7 +35,8 @@ def default_workdir(config_path: str) -> Path:
 
 PREPARE_HINT = (
     "Prepare a dataset in nvl_jax's format (docs/data_format.md) there, or point --config.data.root at one. "
-    "For an in-silico NSD: python -m nvl_jax.data.synthetic --out {root}")
+    "From the Natural Scenes Dataset (docs/nsd.md): python -m nvl_jax.data.prepare_nsd --nsd_root NSD "
+    "--coco_annotations COCO --out {root}. For an in-silico NSD: python -m nvl_jax.data.synthetic --out {root}")
 
 
 @dataclasses.dataclass(frozen=True)
