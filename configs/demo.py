@@ -17,9 +17,9 @@ _spec.loader.exec_module(_nsd)
 
 def get_config():
     config = _nsd.get_config()
-    config.total_steps = 600
-    config.log_every_steps = 20
-    config.checkpoint_every_steps = 200
+    config.total_steps = 2000
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
 
     config.data.root = "data/in_silico_nsd"
     config.data.synthetic.seed = 0
@@ -35,7 +35,7 @@ def get_config():
     config.model.num_heads = 4
     config.model.head_hidden = 512
 
-    config.optimizer.lr = 1e-3
+    config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 50
     config.eval.batch_size = 32
     return config

@@ -111,8 +111,10 @@ def test_images_and_captions_agree_with_scene_graphs(root, dataset):
                      "above": col_a == col_b and row_a < row_b, "below": col_a == col_b and row_a > row_b}
             assert holds[rel], (texts[1], graph)
         assert texts[3].startswith(scenes.COUNT_WORDS[len(objects)])
-        tone = graph["background"]
-        assert texts[4].endswith(f"{'noisy' if tone['noisy'] else 'plain'} {tone['tone']} background")
+        assert texts[4].endswith(" on a gray background")
+        # Objects never reach the corners, and they cover less than half of the uniform grey.
+        assert (image[[0, 0, -1, -1], [0, -1, 0, -1]] == scenes.BACKGROUND).all()
+        assert np.all(image == scenes.BACKGROUND, axis=-1).mean() > 0.5
 
 
 def test_split_tests_on_the_shared_stimuli(dataset):

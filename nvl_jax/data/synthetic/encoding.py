@@ -7,7 +7,8 @@ and stimulus s:
                               + (1 - early[v]) * concept[s, v] / concept_scale)
 
 retinotopic: a Gaussian receptive field, placed by the voxel's MNI position, over
-maps of local contrast energy and the red-green and blue-yellow opponent channels;
+maps of local contrast energy and of the three opponent channels of colour vision
+(luminance, red-green, blue-yellow);
 concept: the presence of each shape and colour (weighted by object size) through a
 smooth concept -> voxel field, shared across subjects in MNI space plus an individual
 part; early[v] falls from 1 to 0 from the occipital pole forwards. A trial adds
@@ -34,12 +35,16 @@ FIELD_ORIGIN_MNI, FIELD_STEP_MM, FIELD_SHAPE = np.array([-64.0, -118.0, -38.0]),
 FIELD_SMOOTHING_MM = 4.0
 INDIVIDUAL_FIELD_WEIGHT = 0.5  # share of a concept field's std that is the subject's own
 GAIN_LOG_STD = 0.3
+OPPONENT_WEIGHT_STD = 0.7  # a voxel's weight on each opponent channel, relative to contrast energy's 1
 # Session effects in units of the voxel's noise std (gain as a log std).
 SESSION_GAIN_LOG_STD, SESSION_OFFSET_STD = 0.1, 1.0
 
 
+CHANNELS = ("contrast energy", "luminance", "red-green", "blue-yellow")
+
+
 def image_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """``float32 [n, 3, FEATURE_GRID**2]``: contrast energy, red-green, blue-yellow, pooled per cell.
+    """``float32 [n, len(CHANNELS), FEATURE_GRID**2]``: the CHANNELS' maps, pooled per cell.
 
     images ``uint8 [n, S, S, 3]`` with S a multiple of FEATURE_GRID.
     """
@@ -54,9 +59,9 @@ def image_features(images: np.ndarray, chunk: int = 256) -> np.ndarray:
         energy = np.sqrt(ndimage.gaussian_filter(contrast**2, (0, sigma, sigma)))
         red_green = rgb[..., 0] - rgb[..., 1]
         blue_yellow = rgb[..., 2] - (rgb[..., 0] + rgb[..., 1]) / 2
-        maps = np.stack([energy, red_green, blue_yellow], 1)
-        pooled = maps.reshape(len(rgb), 3, FEATURE_GRID, cell, FEATURE_GRID, cell).mean((3, 5))
-        features.append(pooled.reshape(len(rgb), 3, FEATURE_GRID**2))
+        maps = np.stack([energy, luminance, red_green, blue_yellow], 1)
+        pooled = maps.reshape(len(rgb), len(CHANNELS), FEATURE_GRID, cell, FEATURE_GRID, cell).mean((3, 5))
+        features.append(pooled.reshape(len(rgb), len(CHANNELS), FEATURE_GRID**2))
     return np.concatenate(features).astype(np.float32)
 
 
@@ -79,7 +84,7 @@ class EncodingModel:
     """One subject's voxel tuning; every array has one row per stored voxel.
 
     early ``[V]`` in [0, 1]; rf_weights ``[V, FEATURE_GRID**2]`` (each row sums to 1);
-    channel_weights ``[V, 3]`` (contrast energy, red-green, blue-yellow);
+    channel_weights ``[V, len(CHANNELS)]``;
     concept_field ``[V, n_concepts]``; gain ``[V]``.
     """
 
@@ -106,8 +111,9 @@ class EncodingModel:
         distance2 = ((centre[:, None, :] - grid[None]) ** 2).sum(-1)
         rf_weights = np.exp(-distance2 / (2 * rf_size[:, None] ** 2))
         rf_weights /= rf_weights.sum(1, keepdims=True)
-        channel_weights = np.stack([1.0 + rng.normal(0, 0.2, len(y)), rng.normal(0, 0.7, len(y)),
-                                    rng.normal(0, 0.7, len(y))], 1)
+        # Contrast drives every early voxel; the opponent channels, luminance included, with either sign.
+        channel_weights = np.stack([1.0 + rng.normal(0, 0.2, len(y))]
+                                   + [rng.normal(0, OPPONENT_WEIGHT_STD, len(y)) for _ in CHANNELS[1:]], 1)
         individual = shared_concept_lattice(len(shared_lattice), rng)
         concept_field = (np.sqrt(1 - INDIVIDUAL_FIELD_WEIGHT**2) * _sample_lattice(shared_lattice, voxel_mni)
                          + INDIVIDUAL_FIELD_WEIGHT * _sample_lattice(individual, voxel_mni))

@@ -1,9 +1,10 @@
 """In-silico stimuli: scene graphs of 1-3 coloured shapes, their images and their captions.
 
-A scene graph is plain JSON: the background and a list of objects, each a shape,
-a colour, a size and a cell of a 3 x 3 grid (objects never share a cell, so they
-never overlap). Images are drawn from the graph alone (a noisy background carries
-its own noise seed), and the five captions of each image are generated from it.
+A scene graph is plain JSON: a list of objects, each a shape, a colour, a size and
+a cell of a 3 x 3 grid (objects never share a cell, so they never overlap), on a
+uniform mid-grey background, the classic display of object-vision experiments: all
+of a scene's variance is in its objects. Images are drawn from the graph alone, and
+the five captions of each image are generated from it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
            "purple": (140, 60, 180), "orange": (245, 140, 30)}
-BACKGROUNDS = {"light gray": 200, "gray": 128, "dark gray": 56}
+BACKGROUND = 128  # mid-grey
 SIZES = {"small": 0.08, "large": 0.14}  # radius as a fraction of the image side
 # A concept's presence weight per object: a large object drives the concept voxels about twice as hard.
 SIZE_WEIGHTS = {"small": 0.5, "large": 1.0}
@@ -23,11 +24,10 @@ CELL_NAMES = {(0, 0): "in the top left corner", (0, 1): "at the top", (0, 2): "i
               (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
               (2, 0): "in the bottom left corner", (2, 1): "at the bottom", (2, 2): "in the bottom right corner"}
 COUNT_WORDS = {1: "one shape", 2: "two shapes", 3: "three shapes"}
-NOISE_STD = 24.0
 
 
 def sample_scene(rng: np.random.Generator) -> dict:
-    """A random scene graph: background, and 1-3 objects of distinct (shape, colour) in distinct cells."""
+    """A random scene graph: 1-3 objects of distinct (shape, colour) in distinct cells."""
     n_objects = int(rng.integers(1, 4))
     cells = rng.choice(GRID * GRID, n_objects, replace=False)
     kinds = rng.choice(len(SHAPES) * len(COLOURS), n_objects, replace=False)
@@ -36,9 +36,7 @@ def sample_scene(rng: np.random.Generator) -> dict:
                 # Jitter within the cell, small enough that two large shapes in neighbouring cells never touch.
                 "offset": [float(v) for v in rng.uniform(-1 / 48, 1 / 48, 2)]}
                for cell, kind in zip(cells, kinds)]
-    background = {"tone": str(rng.choice(list(BACKGROUNDS))), "noisy": bool(rng.random() < 0.5),
-                  "noise_seed": int(rng.integers(2**31))}
-    return {"background": background, "objects": objects}
+    return {"objects": objects}
 
 
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
@@ -66,17 +64,13 @@ def object_centre(obj: dict, image_size: int) -> tuple[float, float]:
 
 def draw_scene(scene: dict, image_size: int) -> np.ndarray:
     """The scene's image, ``uint8 [image_size, image_size, 3]``."""
-    background = scene["background"]
-    grey = np.full((image_size, image_size), float(BACKGROUNDS[background["tone"]]))
-    if background["noisy"]:
-        grey += np.random.default_rng(background["noise_seed"]).normal(0, NOISE_STD, grey.shape)
-    image = np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=-1)
+    image = np.full((image_size, image_size, 3), BACKGROUND, np.uint8)
     ys, xs = np.mgrid[:image_size, :image_size] + 0.5
     for obj in scene["objects"]:
         cx, cy = object_centre(obj, image_size)
         radius = SIZES[obj["size"]] * image_size
         image[_shape_mask(obj["shape"], (xs - cx) / radius, (ys - cy) / radius)] = COLOURS[obj["colour"]]
-    return image.round().astype(np.uint8)
+    return image
 
 
 def _with_article(phrase: str) -> str:
@@ -106,8 +100,6 @@ def _listing(phrases: list[str]) -> str:
 def captions(scene: dict, rng: np.random.Generator) -> list[str]:
     """Five captions of the scene; each names every object by colour and shape."""
     objects = [scene["objects"][i] for i in rng.permutation(len(scene["objects"]))]
-    background = scene["background"]
-    ground = f"{'a noisy' if background['noisy'] else 'a plain'} {background['tone']} background"
     chain = _name(objects[0]) if len(objects) > 1 else f"a single {_words(objects[0])}"
     for k, (previous, obj) in enumerate(zip(objects, objects[1:])):
         chain += (" " if k == 0 else ", which is ") + f"{relation(previous, obj)} {_name(obj)}"
@@ -116,7 +108,7 @@ def captions(scene: dict, rng: np.random.Generator) -> list[str]:
         chain,
         _listing([f"{_name(o, with_size=False)} {CELL_NAMES[tuple(o['cell'])]}" for o in objects]),
         f"{COUNT_WORDS[len(objects)]}: {_listing([_name(o, with_size=False) for o in objects])}",
-        f"{_listing([_name(o) for o in objects])} on {ground}",
+        f"{_listing([_name(o) for o in objects])} on a gray background",
     ]
 
 
