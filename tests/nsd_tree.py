@@ -100,12 +100,12 @@ def _captions(coco: Path, coco_id: np.ndarray, coco_split: list[str], rng) -> di
         entries = [(int(next(next_id)), f"  image {nsd_id} caption {k}.\n") for k in range(1 + nsd_id % 3)]
         expected[nsd_id] = [text.strip() for _, text in sorted(entries)]
         files[coco_split[nsd_id]] += [{"image_id": int(coco_id[nsd_id]), "id": i, "caption": t} for i, t in entries]
-    for split, annotations in files.items():
-        annotations.append({"image_id": 999999, "id": int(next(next_id)), "caption": "not an NSD image"})
-        order = rng.permutation(len(annotations))
+    for split, entries in files.items():
+        entries.append({"image_id": 999999, "id": int(next(next_id)), "caption": "not an NSD image"})
+        order = rng.permutation(len(entries))
         (coco / "annotations").mkdir(parents=True, exist_ok=True)
         (coco / "annotations" / f"captions_{split}.json").write_text(json.dumps(
-            {"info": {}, "images": [], "annotations": [annotations[i] for i in order]}))
+            {"info": {}, "images": [], "annotations": [entries[i] for i in order]}))
     return expected
 
 

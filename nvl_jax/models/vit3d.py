@@ -13,15 +13,13 @@ Parameters are float32; ``ViT3DConfig.compute_dtype`` sets the activations' dtyp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from nvl_jax.models import layers
-from nvl_jax.models.layers import Embed, activation, param
+from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -111,81 +109,6 @@ class Stage1Output:
     vae_latent: jax.Array
     cls: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
-
-
-# JAX's own transpose rule computes a kernel's gradient as dot(g, x) followed by a
-# transpose, so XLA CPU materializes g transposed; it then fuses the whole chain of
-# residual-stream gradient additions into each such transposed copy and recomputes
-# it once per layer (quadratic in depth: half a train step at 8 layers). With x
-# as the left operand the only transposed operand is x, a stored activation.
-@jax.custom_vjp
-def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return x @ kernel
-
-
-def _matmul_fwd(x, kernel):
-    return x @ kernel, (x, kernel)
-
-
-def _matmul_bwd(residuals, g):
-    x, kernel = residuals
-    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                                  (((0,), (0,)), ((), ())))
-    return dx, dkernel
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-class Dense(layers.Dense):
-    """``layers.Dense`` whose kernel gradient is one ``x^T g`` matmul over ``[batch * tokens, in]``."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = _matmul(x, self.kernel[...].astype(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
-        return y
-
-
-# LayerNorm with the textbook backward pass, dx = rstd * (dxhat - mean(dxhat) -
-# xhat * mean(dxhat * xhat)), recomputing xhat: on XLA CPU this takes about half
-# the time of autodiff through the forward pass.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _normalize(x, eps):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
-    return (x32 - mean) * rstd, mean, rstd
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    xhat, mean, rstd = _normalize(x, eps)
-    return (xhat * scale + bias).astype(x.dtype), (x, mean, rstd, scale)
-
-
-def _layer_norm_bwd(eps, residuals, g):
-    x, mean, rstd, scale = residuals
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    g32 = g.astype(jnp.float32)
-    dxhat = g32 * scale
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    rows = tuple(range(g.ndim - 1))
-    return dx.astype(x.dtype), (g32 * xhat).sum(rows), g32.sum(rows)
-
-
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(layers.LayerNorm):
-    """``layers.LayerNorm`` (statistics in float32) with a hand-written backward pass."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 # Softmax attention with a hand-written backward pass. The forward keeps the
