@@ -8,7 +8,7 @@
 - ``preprocess_speedup_vs_host``: on-device scatter + resample + patchify over the scipy host
   reference (``nvl_jax.bench.preprocess``).
 
-The model size is the issue's mid-size: 8 layers x width 512, 288 patches of 14^3 plus CLS,
+The model is mid-size: 8 layers x width 512, the paper's 288 patches of 14^3 plus CLS,
 batch 8. ``--quick`` shrinks everything for a smoke test.
 
     python -m nvl_jax.bench.stage1 [--quick]
