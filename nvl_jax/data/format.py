@@ -46,6 +46,16 @@ class Trials:
     repeat: np.ndarray
 
 
+def repeat_index(stimulus: np.ndarray) -> np.ndarray:
+    """``int8 [n_trials]``: how often each trial's stimulus was shown before it, for trials in
+    presentation order (``Trials.repeat``: 0, 1, 2 in NSD)."""
+    order = np.argsort(stimulus, kind="stable")
+    ranked = stimulus[order]
+    repeat = np.empty(len(stimulus), np.int8)
+    repeat[order] = np.arange(len(stimulus)) - np.searchsorted(ranked, ranked)
+    return repeat
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Subject:
     """One subject: affine ``[4, 4]`` (voxel index -> mm); voxel_mask ``bool [X, Y, Z]``, the stored voxels
@@ -298,7 +308,8 @@ def _save_npy(path: Path, array: np.ndarray):
         np.save(f, array)
 
 
-def _save_json(path: Path, content, indent: int | None = 1):
+def save_json(path: Path, content, indent: int | None = 1):
+    """Writes ``content`` as JSON to ``path``, which appears only when complete."""
     with _atomic(path) as partial:
         partial.write_text(json.dumps(content, indent=indent) + "\n")
 
@@ -325,7 +336,7 @@ class DatasetWriter:
                 stored[start:start + 1024] = images[start:start + 1024]
             stored.flush()
         _save_npy(self.root / "stimuli" / "source_ids.npy", np.asarray(source_ids, np.int64))
-        _save_json(self.root / "stimuli" / "captions.json", [list(c) for c in captions], indent=None)
+        save_json(self.root / "stimuli" / "captions.json", [list(c) for c in captions], indent=None)
 
     def write_subject(self, name: str, nsdgeneral: np.ndarray, voxel_mask: np.ndarray, affine: np.ndarray,
                       sessions: Sequence[str], betas_dtype: str, betas_scale: float, mask_dilation: int):
@@ -341,7 +352,7 @@ class DatasetWriter:
             with _atomic(folder / file) as partial:
                 nib.save(nib.Nifti1Image(mask.astype(np.int16), affine), partial)
         # n_trials is added by write_trials, so a subject without trials fails validation by name.
-        _save_json(folder / "subject.json", {
+        save_json(folder / "subject.json", {
             "native_shape": list(nsdgeneral.shape), "affine": affine.tolist(), "n_voxels": int(voxel_mask.sum()),
             "mask_dilation": int(mask_dilation), "betas_dtype": betas_dtype, "betas_scale": float(betas_scale),
             "sessions": list(sessions)})
@@ -368,17 +379,17 @@ class DatasetWriter:
         folder = self.root / "subjects" / subject
         with _atomic(folder / "trials.npz") as partial, open(partial, "wb") as f:
             np.savez(f, **arrays)
-        _save_json(folder / "subject.json", {**self._subject_info(subject), "n_trials": len(arrays["session"])})
+        save_json(folder / "subject.json", {**self._subject_info(subject), "n_trials": len(arrays["session"])})
 
     def write_split(self, train: Sequence[int], test: Sequence[int], rule: str):
         """split.json: train and test stimulus ids and the rule that chose them."""
-        _save_json(self.root / "split.json", {"train": sorted(map(int, train)), "test": sorted(map(int, test)),
+        save_json(self.root / "split.json", {"train": sorted(map(int, train)), "test": sorted(map(int, test)),
                                               "rule": rule}, indent=None)
 
     def finish(self, subjects: Sequence[str]) -> PreparedDataset:
         """Writes dataset.json and opens (so validates) the result; a dataset that fails loses dataset.json."""
         shape, _ = _npy_header(self.root, self.root / "stimuli" / "images.npy")
-        _save_json(self.root / "dataset.json", {
+        save_json(self.root / "dataset.json", {
             "format": FORMAT, "version": VERSION, "source": self.source, "subjects": list(subjects),
             "n_stimuli": shape[0], "image_shape": list(self.image_shape)})
         try:
@@ -395,4 +406,4 @@ def write_targets(root: str | Path, clip_image_embeds: np.ndarray, vae_latents: 
     (folder / "targets.json").unlink(missing_ok=True)
     _save_npy(folder / "clip_image_embeds.npy", np.asarray(clip_image_embeds, np.float32))
     _save_npy(folder / "vae_latents.npy", np.asarray(vae_latents, np.float32))
-    _save_json(folder / "targets.json", info)
+    save_json(folder / "targets.json", info)

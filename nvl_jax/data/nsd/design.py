@@ -38,6 +38,7 @@ def load_design(path: Path) -> Design:
     require(path, "NSD's experimental design, nsd_expdesign.mat")
     try:
         mat = scipy.io.loadmat(path, variable_names=("masterordering", "subjectim", "sharedix"))
+    # NotImplementedError: loadmat's answer to a MATLAB v7.3 (HDF5-based) file; NSD ships v5.
     except (ValueError, OSError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
         raise NSDError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
     missing = [name for name in ("masterordering", "subjectim", "sharedix") if name not in mat]
@@ -64,15 +65,6 @@ def presented(design: Design, subject: int, n_trials: int) -> np.ndarray:
     if subject > len(design.subjectim):
         raise NSDError(f"{design.path}: subjectim has {len(design.subjectim)} subjects, no subject {subject}")
     return design.subjectim[subject - 1, design.masterordering[:n_trials]]
-
-
-def repeats(ids: np.ndarray) -> np.ndarray:
-    """``int8 [n]``: how often each trial's stimulus was shown before it (NSD: 0, 1, 2)."""
-    order = np.argsort(ids, kind="stable")
-    ranked = ids[order]
-    repeat = np.empty(len(ids), np.int8)
-    repeat[order] = np.arange(len(ids)) - np.searchsorted(ranked, ranked)
-    return repeat
 
 
 def split(seen: Sequence[np.ndarray], shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nvl_jax.data.format import DatasetError, PreparedDataset
+from nvl_jax.data.format import DatasetError, PreparedDataset, save_json
 from nvl_jax.data.nsd.layout import NSDError
 
 RECORD = "prepare.json"
@@ -25,13 +24,6 @@ CHECKSUMS = "checksums.json"
 # prepare.json fields that decide the output; the input paths are kept for provenance only, so a
 # moved NSD mirror can still finish a run.
 OUTPUT_ARGUMENTS = ("subjects", "sessions", "format", "trials_per_session", "dilation")
-
-
-def write_json(path: Path, content) -> None:
-    """Writes under a temporary name and renames, so the file exists only when complete."""
-    partial = path.with_name(f".partial-{path.name}")
-    partial.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(partial, path)
 
 
 def claim(out: Path, record: dict) -> bool:
@@ -54,7 +46,7 @@ def claim(out: Path, record: dict) -> bool:
         raise NSDError(f"{out}: not empty and holds no {RECORD}, so it is no folder this command started; choose a "
                        "new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
+    save_json(path, record)
     return False
 
 
@@ -77,7 +69,7 @@ def sha256(path: Path) -> str:
 def write_checksums(out: Path, files: Sequence[str], progress: bool = True) -> None:
     """checksums.json: ``{"algorithm": "sha256", "files": {relative path: hex digest}}``."""
     digests = {file: sha256(out / file) for file in tqdm(files, desc="checksums", unit="file", disable=not progress)}
-    write_json(out / CHECKSUMS, {"algorithm": "sha256", "files": digests})
+    save_json(out / CHECKSUMS, {"algorithm": "sha256", "files": digests})
 
 
 def verify(out: Path, progress: bool = True) -> tuple[bool, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nvl_jax.data.format import DatasetWriter, Trials
+from nvl_jax.data.format import DatasetWriter, Trials, repeat_index, save_json
 from nvl_jax.data.nsd import design as design_lib
 from nvl_jax.data.nsd import output
 from nvl_jax.data.nsd import sessions as sessions_lib
@@ -125,7 +125,7 @@ def _prepare_subject(writer: DatasetWriter, layout: NSDLayout, options: PrepareO
     trial = np.arange(len(stimulus))
     writer.write_trials(name, Trials(session=trial // options.trials_per_session,
                                      row=trial % options.trials_per_session, stimulus=stimulus,
-                                     repeat=design_lib.repeats(stimulus)))
+                                     repeat=repeat_index(stimulus)))
     return {"sessions": options.sessions, "trials": len(stimulus), "train_trials": int((~test_trial).sum()),
             "test_trials": int(test_trial.sum()), "stimuli": len(np.unique(stimulus)),
             "test_stimuli": len(np.unique(stimulus[test_trial])), "nsdgeneral_voxels": int(nsdgeneral.sum()),
@@ -174,7 +174,7 @@ def prepare(options: PrepareOptions, out: str | Path, *, workers: int = 1, progr
     files = output.dataset_files({name: [session_name(k) for k in range(1, options.sessions + 1)]
                                   for name in subjects})
     summary = _summary(out, options, subjects, files, image_shape, is_test, rule)
-    output.write_json(out / output.SUMMARY, summary)
+    save_json(out / output.SUMMARY, summary)
     output.write_checksums(out, [*files, output.SUMMARY], progress)
     writer.finish(list(subjects))
     return summary

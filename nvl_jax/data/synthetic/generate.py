@@ -74,14 +74,10 @@ def rng_for(seed: int, *keys: str) -> np.random.Generator:
 def schedule(stimuli: np.ndarray, repeats: int, n_sessions: int, rng: np.random.Generator) -> fmt.Trials:
     """Every stimulus ``repeats`` times in a shuffled order, cut into ``n_sessions`` near-equal sessions."""
     order = np.repeat(stimuli, repeats)[rng.permutation(len(stimuli) * repeats)]
-    by_stimulus = np.argsort(order, kind="stable")
-    ranked = order[by_stimulus]
-    repeat = np.empty(len(order), np.int8)
-    repeat[by_stimulus] = np.arange(len(order)) - np.searchsorted(ranked, ranked)
     sizes = [len(part) for part in np.array_split(order, n_sessions)]
     return fmt.Trials(session=np.repeat(np.arange(n_sessions), sizes).astype(np.int16),
                       row=np.concatenate([np.arange(n) for n in sizes]).astype(np.int32),
-                      stimulus=order.astype(np.int32), repeat=repeat)
+                      stimulus=order.astype(np.int32), repeat=fmt.repeat_index(order))
 
 
 def _clear(out: Path, overwrite: bool):
