@@ -21,9 +21,8 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default
 
 def evaluate_run(config, workdir: str | Path, step: int | None = None) -> dict:
     from nvl_jax.training import experiment as experiment_lib
-    from nvl_jax.training import loop, optim, state as state_lib, steps
+    from nvl_jax.training import loop, optim, state as state_lib
     from nvl_jax.training.checkpointing import Checkpointer
-    from nvl_jax.evaluation import stage1 as stage1_eval
 
     workdir = Path(workdir)
     checkpointer = Checkpointer(workdir)
@@ -35,10 +34,7 @@ def evaluate_run(config, workdir: str | Path, step: int | None = None) -> dict:
     tx = optim.make_optimizer(config.optimizer, loop.total_steps(config, experiment.dataset))
     layout = state_lib.plan(loop.model_builder(experiment), tx, experiment.mesh, experiment.rules)
     params, _ = checkpointer.restore_params(step, layout)
-    predict_step = steps.make_predict_step(layout, mesh=experiment.mesh, rules=experiment.rules,
-                                           batch_ndims={**experiment.batch_ndims, "valid": 1})
-    results = stage1_eval.evaluate(experiment, params, predict_step, workdir)
-    loop.write_eval(workdir, results)
+    results = loop.evaluate(experiment, layout, params, workdir)
     checkpointer.close()
     return results
 

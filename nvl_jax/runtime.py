@@ -42,8 +42,3 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
     return _applied
-
-
-def keeps_freed_memory() -> bool:
-    """Whether ``keep_freed_memory`` took effect in this process."""
-    return _applied

@@ -182,6 +182,7 @@ class _Side:
     """A running ``_worker`` process."""
 
     def __init__(self, side: str, sizes: dict, keep_memory: bool):
+        self.side = side
         command = [sys.executable, "-m", "nvl_jax.bench.train_step", "--worker", side, "--sizes", json.dumps(sizes)]
         if keep_memory:
             command.append("--keep_memory")
@@ -192,7 +193,7 @@ class _Side:
         for line in self.process.stdout:
             if line.startswith(_REPLY):
                 return json.loads(line[len(_REPLY):])
-        raise RuntimeError(f"the benchmark worker {self.process.args[4]} exited with {self.process.wait()} "
+        raise RuntimeError(f"the benchmark worker {self.side} exited with {self.process.wait()} "
                            "(its error is printed above)")
 
     def run(self) -> dict:

@@ -14,6 +14,7 @@ preprocessing (``nvl_jax.data.volumes``) scatters them into each subject's grid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import grain
@@ -102,12 +103,17 @@ class _DatasetHandle:
             self._targets = self.dataset.targets()
         return self._targets
 
+    @functools.cached_property
+    def subject_list(self) -> list:
+        """The dataset's subjects in its order: records index them."""
+        return list(self.dataset.subjects.values())
+
     def __getstate__(self):
         return {"root": self.root, "_dataset": None, "_targets": None}
 
     def read_betas(self, subject_index: int, trial_indices: np.ndarray, width: int) -> np.ndarray:
         """The betas of the given trials of one subject, ``float32 [len(trial_indices), width]`` zero-padded."""
-        subject = list(self.dataset.subjects.values())[subject_index]
+        subject = self.subject_list[subject_index]
         out = np.zeros((len(trial_indices), width), np.float32)
         for k, i in enumerate(trial_indices):
             out[k, :subject.n_voxels] = self.dataset.betas(

@@ -81,11 +81,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 checkpointer.save(step, params, opt_state, data, {**meta, "step": step})
             bar.update(1)
     writer.close()
+    results = evaluate(experiment, layout, params, workdir)
+    checkpointer.close()
+    return results
+
+
+def evaluate(experiment: experiment_lib.Experiment, layout: state_lib.StateLayout, params, workdir: Path) -> dict:
+    """Both test modes on ``params``: predictions in ``workdir``, eval.json written and printed; returns it."""
     predict_step = steps.make_predict_step(layout, mesh=experiment.mesh, rules=experiment.rules,
                                            batch_ndims={**experiment.batch_ndims, "valid": 1})
     results = stage1_eval.evaluate(experiment, params, predict_step, workdir)
     write_eval(workdir, results)
-    checkpointer.close()
     return results
 
 
