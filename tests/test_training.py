@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from nvl_jax import sharding
+from nvl_jax import evaluate, sharding
 from nvl_jax.data import pipeline
 from nvl_jax.training import experiment as experiment_lib
 from nvl_jax.training import loop, optim, state as state_lib, steps
@@ -136,6 +136,9 @@ def test_killed_run_resumes_exactly(tiny_nsd, tmp_path, monkeypatch):
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     reference = [json.loads(line) for line in (tmp_path / "uninterrupted" / "metrics.jsonl").read_text().splitlines()]
     assert [line["loss"] for line in lines] == [line["loss"] for line in reference]
+
+    # python -m nvl_jax.evaluate on the finished run restores the final checkpoint and finds what training did.
+    assert evaluate.evaluate_run(config, tmp_path / "killed") == evaluation
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_nsd, tmp_path):
