@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from nvl_jax.models import clip_image_processor as cip
+from nvl_jax.models.clip import image_processor as cip
 
 SIZES = {
     "nsd_425": (425, 425),

@@ -9,7 +9,7 @@ import transformers
 from flax import nnx
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from nvl_jax.models import generation
+from nvl_jax.models.llama import generation
 from nvl_jax.models.llama import LlamaForCausalLM
 
 PROMPTS = [[1, 17, 99, 4, 56, 23, 8, 120, 64], [1, 42, 7, 88]]

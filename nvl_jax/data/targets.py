@@ -24,7 +24,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from nvl_jax.data import format as data_format
-from nvl_jax.models import clip, clip_image_processor, vae
+from nvl_jax.models import clip, vae
+from nvl_jax.models.clip import image_processor as clip_image_processor
 
 
 def tiny_random_models(seed: int = 0) -> tuple[clip.CLIPVisionModel, vae.AutoencoderKL]:

@@ -1,7 +1,12 @@
-"""Flax NNX models that load the standard Hugging Face checkpoints.
+"""Flax NNX models, one folder each (bonsai's layout): ``modeling.py`` (the modules and a frozen
+config with presets), ``params.py`` (the Hugging Face key table) and a processor or tokenizer
+where the model has one.
 
-- ``clip``: CLIP vision and text towers with their projections.
-- ``vae``: the Stable Diffusion ``AutoencoderKL``.
-- ``llama``: Llama-2 / Vicuna / Llama-3 causal language models, with generation.
-- ``hf_loader``: the one safetensors -> NNX loader they all use.
+- ``clip/``: CLIP vision and text towers with their projections, and the image processor.
+- ``vae/``: the Stable Diffusion ``AutoencoderKL``.
+- ``llama/``: Llama-2 / Vicuna / Llama-3 causal language models, with KV-cache generation.
+- ``vit3d/``: the fMRI extractor with its CLIP / VAE alignment heads.
+
+Shared beside them: ``layers`` (NNX layers with logical sharding axes), ``hf_loader`` (the one
+safetensors -> NNX loader), ``safetensors_io`` and ``convert_to_safetensors``.
 """

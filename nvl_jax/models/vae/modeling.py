@@ -4,7 +4,7 @@ The encoder maps an image ``[batch, height, width, 3]`` in ``[-1, 1]`` to a
 diagonal Gaussian over latents ``[batch, height / f, width / f, latent_channels]``
 (``f = 2 ** (len(block_out_channels) - 1)``, 8 for Stable Diffusion); the
 decoder maps latents back to images. Module names follow diffusers' (the
-three renames are listed in ``vae_params``), so the checkpoint key table stays short.
+three renames are listed in ``vae.params``), so the checkpoint key table stays short.
 Arrays are channels-last throughout.
 """
 
@@ -21,7 +21,7 @@ from flax import nnx
 from nvl_jax import sharding
 from nvl_jax.models import hf_loader
 from nvl_jax.models.layers import Conv2d, Dense, GroupNorm, activation
-from nvl_jax.models.vae_params import KEY_MAP
+from nvl_jax.models.vae.params import KEY_MAP
 
 # diffusers builds every VAE norm (resnets, attention, output) with this epsilon.
 NORM_EPS = 1e-6

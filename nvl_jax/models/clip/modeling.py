@@ -4,7 +4,7 @@
 Both towers are pre-LayerNorm transformers. The vision tower embeds
 non-overlapping patches of a channels-last image, prepends a class token and
 pools it; the text tower runs causal attention over BPE tokens and pools the
-end-of-text token. The key tables for the checkpoints are in ``clip_params``.
+end-of-text token. The key tables for the checkpoints are in ``clip.params``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from nvl_jax import sharding
 from nvl_jax.models import hf_loader
-from nvl_jax.models.clip_params import TEXT_KEY_MAP, VISION_KEY_MAP
+from nvl_jax.models.clip.params import TEXT_KEY_MAP, VISION_KEY_MAP
 from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param
 
 # The end-of-text id of the configs published before transformers PR #24773;
@@ -236,7 +236,7 @@ class CLIPVisionModel(nnx.Module):
                                        dtype=dtype, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        """``pixel_values [batch, image_size, image_size, 3]``, normalized as by ``clip_image_processor``."""
+        """``pixel_values [batch, image_size, image_size, 3]``, normalized as by ``clip.image_processor``."""
         cfg = self.config
         batch, height, width, channels = pixel_values.shape
         if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):

@@ -5,7 +5,7 @@ for key: pre-norm decoder layers (RMSNorm, grouped-query attention with rotary
 position embeddings, SwiGLU MLP), a final RMSNorm and an LM head that may be
 tied to the token embedding. Incremental decoding writes into a preallocated
 :class:`~nvl_jax.models.generation.KVCache`; ``generate`` lives in
-``generation.py``.
+``llama/generation.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from nvl_jax import sharding as sharding_lib
-from nvl_jax.models import generation, hf_loader
+from nvl_jax.models import hf_loader
+from nvl_jax.models.llama import generation
 from nvl_jax.models.layers import Dense, Embed, RMSNorm, activation
-from nvl_jax.models.llama_params import key_map
+from nvl_jax.models.llama.params import key_map
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
