@@ -10,7 +10,10 @@ setup(
         "CLIP/VAE alignment, brain-language model, reconstruction."
     ),
     python_requires=">=3.11",
-    packages=find_packages(include=["nvl_jax", "nvl_jax.*"]),
+    # configs/ installs as nvl_jax.configs: the default config must be found in a non-editable
+    # install too, and configs import each other as modules.
+    packages=find_packages(include=["nvl_jax", "nvl_jax.*"]) + ["nvl_jax.configs"],
+    package_dir={"nvl_jax.configs": "configs"},
     install_requires=[
         # Lower bounds, not pins: a Python 3.12+ TPU VM or GPU box gets the newest.
         "jax>=0.10.2",

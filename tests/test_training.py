@@ -1,6 +1,6 @@
-"""Stage-1 training: configs, the sharded step, exact resume, stopping on NaN, eval.json."""
+"""The generic trainer on the stage-1 task: configs, the sharded step, exact resume, self-describing
+run folders, refused resumes, early mesh and batch checks, stopping on NaN, eval.json."""
 
-import functools
 import importlib.util
 import json
 import pathlib
@@ -15,9 +15,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from nvl_jax import evaluate, sharding
-from nvl_jax.data import pipeline
+from nvl_jax.configs import demo, nsd
 from nvl_jax.training import experiment as experiment_lib
-from nvl_jax.training import loop, optim, state as state_lib, steps
+from nvl_jax.training import loop, run_config, steps, tasks
 from nvl_jax.training.metrics_writer import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,17 +30,32 @@ def _load_config(path, *args):
     return module.get_config(*args)
 
 
-def tiny_config(root):
-    return _load_config(ROOT / "tests" / "configs" / "tiny.py", str(root))
+def tiny_config(root, **variant):
+    arg = ",".join([f"root={root}", *(f"{k}={v}" for k, v in variant.items())])
+    return _load_config(ROOT / "tests" / "configs" / "tiny.py", arg)
 
 
 def test_configs_hold_the_papers_sizes_and_the_demo_is_small():
-    nsd = _load_config(ROOT / "configs" / "nsd.py")
-    assert (nsd.model.depth, nsd.model.width, nsd.data.batch_size, nsd.optimizer.lr, nsd.epochs) == (16, 768, 32, 5e-4, 30)
-    assert nsd.loss.alpha == 1 / 64 and tuple(nsd.data.common_grid) == (83, 104, 81) and nsd.data.patch_size == 14
-    assert dict(nsd.sharding_rules)["embed"] == "fsdp" and len(nsd.mesh_shape) == 3
-    demo = _load_config(ROOT / "configs" / "demo.py")
-    assert demo.targets.random_init and demo.data.synthetic and demo.model.width < nsd.model.width
+    paper = nsd.get_config()
+    assert (paper.model.depth, paper.model.width, paper.data.batch_size, paper.optimizer.lr, paper.epochs) == (
+        16, 768, 32, 5e-4, 30)
+    assert paper.loss.alpha == 1 / 64 and paper.data.common_grid == "subj01" and paper.data.patch_size == 14
+    assert paper.task == "stage1" and paper.loss.reduction == "squared_norm"
+    assert (paper.targets.vae, paper.targets.vae_subfolder) == ("stabilityai/stable-diffusion-2-1-unclip-small", "vae")
+    assert dict(paper.sharding_rules)["embed"] == "fsdp" and len(paper.mesh_shape) == 3
+    small = demo.get_config()
+    assert small.targets.random_init and small.data.synthetic and small.model.width < paper.model.width
+
+
+def test_config_variants_pick_the_patch_size_and_name_the_run_folder():
+    assert [nsd.get_config(f"patch={p}").data.patch_size for p in (14, 12, 10)] == [14, 12, 10]
+    assert [demo.get_config(f"patch={p}").data.patch_size for p in (14, 12, 10)] == [14, 12, 10]
+    with pytest.raises(ValueError, match="patch must be one of"):
+        nsd.get_config("patch=9")
+    with pytest.raises(ValueError, match="KEY one of \\['patch'\\]"):
+        demo.get_config("patches=12")
+    assert experiment_lib.default_workdir("configs/demo.py:patch=12") == pathlib.Path("runs/demo-patch12")
+    assert experiment_lib.default_workdir("configs/nsd.py") == pathlib.Path("runs/nsd")
 
 
 def test_unknown_override_keys_fail():
@@ -70,7 +85,7 @@ def test_launch_scripts_parse_and_name_a_loadable_config(script):
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
-    config = _load_config(ROOT / "configs" / "nsd.py")
+    config = nsd.get_config()
     config.data.root = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nvl_jax.data.synthetic --out"):
         experiment_lib.prepare_dataset(config)
@@ -78,16 +93,12 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 def _loss_and_grads(config, mesh):
     """Loss and gradients of one fixed batch from the same initial parameters, computed on ``mesh``."""
-    experiment = experiment_lib.build(config, mesh=mesh)
-    tx = optim.make_optimizer(config.optimizer, 10)
-    build = loop.model_builder(experiment)
-    layout = state_lib.plan(build, tx, experiment.mesh, experiment.rules)
-    params, _ = state_lib.initialize(build, tx, layout)
-    local = next(iter(pipeline.train_dataset(config.data.root, experiment.dataset, global_batch_size=8, seed=0)))
-    batch = pipeline.global_batch(local, experiment.mesh, experiment.rules)
-    grad_fn = jax.jit(jax.value_and_grad(functools.partial(steps.compute_loss, graphdef=layout.graphdef,
-                                                           alpha=config.loss.alpha), has_aux=True))
-    (loss, _), grads = grad_fn(params, batch, experiment.prep)
+    task = tasks.get(config, mesh)
+    layout, _, _ = loop.plan(task)
+    params, frozen = task.initial_state(layout)
+    batch = task.global_batch(next(task.train_iterator()))
+    grad_fn = jax.jit(jax.value_and_grad(steps.make_loss_fn(task, layout), has_aux=True))
+    (loss, _), grads = grad_fn(params, frozen, batch, task.constants(), jax.random.key(0))
     sharded = [leaf.sharding.spec for leaf in jax.tree.leaves(params)]
     return float(loss), jax.tree.map(np.asarray, grads), sharded
 
@@ -138,7 +149,7 @@ def test_killed_run_resumes_exactly(tiny_nsd, tmp_path, monkeypatch):
     assert [line["loss"] for line in lines] == [line["loss"] for line in reference]
 
     # python -m nvl_jax.evaluate on the finished run restores the final checkpoint and finds what training did.
-    assert evaluate.evaluate_run(config, tmp_path / "killed") == evaluation
+    assert evaluate.evaluate_run(tmp_path / "killed") == evaluation
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_nsd, tmp_path):
@@ -153,3 +164,50 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_nsd, tmp_path):
     assert saved and saved[-1] == good
     params = _final_params(tmp_path, good)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(tiny_nsd, tmp_path):
+    config = tiny_config(tiny_nsd)
+    config.model.depth = 1  # not the tiny config's default: evaluation must read it from the run folder
+    config.total_steps = 3
+    first = loop.train(config, tmp_path)
+    saved = run_config.load(tmp_path)
+    assert saved.model.depth == 1 and saved.data.root == str(pathlib.Path(tiny_nsd).absolute())
+    assert evaluate.evaluate_run(tmp_path) == first  # --workdir alone
+
+    changed = tiny_config(tiny_nsd)
+    changed.total_steps = 3
+    with pytest.raises(run_config.ConfigMismatchError, match="model.depth: 1 -> 2"):
+        loop.train(changed, tmp_path)
+    config.total_steps, config.log_every_steps = 4, 2  # harmless: the run goes on to step 4
+    loop.train(config, tmp_path)
+    assert run_config.load(tmp_path).total_steps == 4
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def test_evaluate_needs_a_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        evaluate.evaluate_run(tmp_path)
+
+
+def test_bad_mesh_or_batch_fails_before_the_first_step_naming_the_fields():
+    config = demo.get_config()
+    config.mesh_shape = (3, 1, 1)
+    with pytest.raises(ValueError, match=r"config.mesh_shape = \(3, 1, 1\) does not fit the 8 visible cpu"):
+        experiment_lib.make_mesh(config)
+    config.mesh_shape = (4, 2, 1)
+    config.data.batch_size = 12
+    with pytest.raises(ValueError, match="config.data.batch_size = 12 does not split over the mesh's data x fsdp"):
+        experiment_lib.make_mesh(config)
+    config.data.batch_size, config.eval.batch_size = 16, 20
+    with pytest.raises(ValueError, match="config.eval.batch_size = 20"):
+        experiment_lib.make_mesh(config)
+    config.eval.batch_size = 24
+    assert dict(experiment_lib.make_mesh(config).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_unknown_task_is_named():
+    config = demo.get_config()
+    config.task = "stage9"
+    with pytest.raises(ValueError, match="config.task = 'stage9': expected one of .*stage1"):
+        tasks.get(config, sharding.make_mesh((-1, 1, 1)))

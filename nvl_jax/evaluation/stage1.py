@@ -18,30 +18,33 @@ from nvl_jax.data import pipeline
 from nvl_jax.evaluation.retrieval import retrieval_metrics
 
 
-def predict_split(experiment, params, predict_step, mode: str) -> dict[str, np.ndarray]:
-    """Runs ``predict_step`` over every test record of ``mode``; returns the valid rows, host numpy."""
-    config, dataset = experiment.config, experiment.dataset
+def predict_split(task, predict_step, mode: str) -> dict[str, np.ndarray]:
+    """Runs ``predict_step(batch)`` over every test record of ``mode``; returns the valid rows, host numpy.
+
+    ``task``: a stage-1 task (``nvl_jax.training.tasks.stage1.Task``): its config, dataset and mesh.
+    """
+    config, dataset = task.config, task.dataset
     rows: dict[str, list[np.ndarray]] = {}
     batches = pipeline.test_batches(config.data.root, dataset, mode, config.eval.batch_size)
     for local in tqdm(batches, desc=f"eval {mode}", unit="batch", leave=False):
-        out = predict_step(params, pipeline.global_batch(local, experiment.mesh, experiment.rules), experiment.prep)
+        out = predict_step(task.global_batch(local))
         for k, v in out.items():
             rows.setdefault(k, []).append(np.asarray(v))
     out = {k: np.concatenate(v) for k, v in rows.items()}
     return {k: v[out["valid"]] for k, v in out.items()}
 
 
-def mode_metrics(experiment, predictions: dict[str, np.ndarray]) -> dict:
+def mode_metrics(task, predictions: dict[str, np.ndarray]) -> dict:
     """Retrieval and MSE per subject and their means over subjects."""
-    targets = experiment.dataset.targets()
+    targets = task.dataset.targets()
     per_subject = {}
-    for index, name in enumerate(experiment.dataset.subjects):
+    for index, name in enumerate(task.dataset.subjects):
         rows = np.flatnonzero(predictions["subject"] == index)
         rows = rows[np.argsort(predictions["stimulus"][rows])]
         stimuli = predictions["stimulus"][rows]
         metrics = retrieval_metrics(predictions["clip_embedding"][rows], targets.clip_image_embeds[stimuli],
-                                    way=experiment.config.eval.retrieval_way,
-                                    draws=experiment.config.eval.retrieval_draws, seed=experiment.config.seed)
+                                    way=task.config.eval.retrieval_way,
+                                    draws=task.config.eval.retrieval_draws, seed=task.config.seed)
         metrics.update(mse_clip=float(predictions["mse_clip"][rows].mean()),
                        mse_vae=float(predictions["mse_vae"][rows].mean()))
         per_subject[name] = metrics
@@ -51,7 +54,7 @@ def mode_metrics(experiment, predictions: dict[str, np.ndarray]) -> dict:
     return {**summary, "per_subject": per_subject}
 
 
-def evaluate(experiment, params, predict_step, workdir: Path | None = None) -> dict:
+def evaluate(task, predict_step, workdir: Path | None = None) -> dict:
     """``{"multi_trial": {...}, "single_trial": {...}}``, each with at least brain_to_image_top1,
     image_to_brain_top1, chance_top1, n_test, two_way_identification, mse_clip, mse_vae.
 
@@ -60,8 +63,8 @@ def evaluate(experiment, params, predict_step, workdir: Path | None = None) -> d
     """
     results = {}
     for mode in pipeline.TEST_MODES:
-        predictions = predict_split(experiment, params, predict_step, mode)
+        predictions = predict_split(task, predict_step, mode)
         if workdir is not None and jax.process_index() == 0:
             np.savez(Path(workdir) / f"predictions_{mode}.npz", **{k: v for k, v in predictions.items() if k != "valid"})
-        results[mode] = mode_metrics(experiment, predictions)
+        results[mode] = mode_metrics(task, predictions)
     return results

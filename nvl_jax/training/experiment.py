@@ -1,61 +1,42 @@
-"""Everything a stage-1 run derives from its config before the first step.
+"""What every task derives from a config before its first step.
 
-The prepared dataset (generated on first use for in-silico configs, with its
-targets), the mesh, the per-subject preprocessing geometry, the active
-patches (computed once and cached in the dataset), and the ViT3D config whose
-head sizes follow the cached targets.
+The mesh (checked against the devices and the batch sizes before anything is compiled), the
+prepared dataset (generated on first use for in-silico configs, with its targets), the common
+grid, and the active patches (computed once and cached in the dataset).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from pathlib import Path
+import re
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+import nvl_jax.configs as nvl_configs
 from nvl_jax import sharding as sharding_lib
 from nvl_jax.data import format as data_format
 from nvl_jax.data import targets as targets_lib
 from nvl_jax.data import volumes
-from nvl_jax.models import vit3d
-from nvl_jax.training.steps import Preprocessing
 
-# The entry points' defaults: the demo config, and a run folder named after the config.
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = CONFIGS / "demo.py"
+# The entry points' default: the demo config, found in the installed package (not the source tree).
+DEFAULT_CONFIG = Path(nvl_configs.__file__).with_name("demo.py")
 
 
 def default_workdir(config_path: str) -> Path:
-    """``runs/<config file stem>`` for ``--config=configs/nsd.py[:args]``."""
-    return Path("runs") / Path(config_path.split(":")[0]).stem
+    """``runs/<config file stem>[-<variant>]`` for ``--config=configs/nsd.py[:patch=12]``."""
+    name, _, arg = config_path.partition(":")
+    variant = re.sub(r"[^A-Za-z0-9.]+", "", arg.replace(",", "-").replace("=", "")) if arg else ""
+    return Path("runs") / (Path(name).stem + (f"-{variant}" if variant else ""))
 
 
 PREPARE_HINT = (
     "Prepare a dataset in nvl_jax's format (docs/data_format.md) there, or point --config.data.root at one. "
     "From the Natural Scenes Dataset (docs/nsd.md): python -m nvl_jax.data.prepare_nsd --nsd_root NSD "
     "--coco_annotations COCO --out {root}. For an in-silico NSD: python -m nvl_jax.data.synthetic --out {root}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    config: ml_collections.ConfigDict
-    dataset: data_format.PreparedDataset
-    mesh: jax.sharding.Mesh
-    prep: Preprocessing
-    model_config: vit3d.ViT3DConfig
-
-    @property
-    def rules(self):
-        return tuple(tuple(rule) for rule in self.config.sharding_rules)
-
-    @property
-    def batch_ndims(self) -> dict[str, int]:
-        """Rank of every batch entry, for its sharding."""
-        return {"betas": 2, "subject": 1, "stimulus": 1, "clip_target": 2,
-                "vae_target": self.dataset.targets().vae_latents.ndim}
 
 
 def _on_first_process(fn) -> None:
@@ -85,7 +66,8 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> data_format.PreparedDa
         if not config.targets.random_init and not (config.targets.clip and config.targets.vae):
             raise FileNotFoundError(
                 f"{root / 'targets'}: no cached targets. Compute them with: python -m nvl_jax.data.targets "
-                f"--data {root} --clip openai/clip-vit-large-patch14 --vae stabilityai/sd-vae-ft-mse")
+                f"--data {root} --clip openai/clip-vit-large-patch14 --vae stabilityai/stable-diffusion-2-1-unclip-small "
+                "--vae_subfolder vae")
 
         def cache_targets():
             targets_lib.cache_targets(root, clip_name=config.targets.clip, vae_name=config.targets.vae,
@@ -113,20 +95,44 @@ def active_patches(dataset: data_format.PreparedDataset, common_grid, patch_size
     return np.load(path)
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Experiment:
-    """``mesh`` defaults to one of ``config.mesh_shape`` over all devices."""
-    dataset = prepare_dataset(config)
-    common_grid, patch_size = tuple(config.data.common_grid), config.data.patch_size
-    geometry = volumes.build_geometry([s.voxel_mask for s in dataset.subjects.values()], common_grid)
-    active = active_patches(dataset, common_grid, patch_size)
-    targets = dataset.targets()
-    m = config.model
-    model_config = vit3d.ViT3DConfig(
-        patch_size=patch_size, patch_grid=volumes.patch_grid(common_grid, patch_size), width=m.width,
-        depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, head_hidden=m.head_hidden,
-        clip_dim=targets.clip_image_embeds.shape[1], vae_latent_shape=tuple(targets.vae_latents.shape[1:]),
-        compute_dtype=m.compute_dtype)
-    mesh = mesh or sharding_lib.make_mesh(tuple(config.mesh_shape))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    prep = jax.device_put(Preprocessing(geometry, np.asarray(active, np.int32), patch_size), replicated)
-    return Experiment(config, dataset, mesh, prep, model_config)
+def resolve_common_grid(config: ml_collections.ConfigDict,
+                        dataset: data_format.PreparedDataset) -> tuple[int, int, int]:
+    """``config.data.common_grid``: a subject's name (its native X, Y, Z grid) or an explicit grid."""
+    grid = config.data.common_grid
+    if isinstance(grid, str):
+        if grid not in dataset.subjects:
+            raise ValueError(f"config.data.common_grid = {grid!r}: not a subject of {dataset.root} "
+                             f"(subjects: {', '.join(dataset.subjects)}); name one, or give (X, Y, Z)")
+        return tuple(int(n) for n in dataset.subjects[grid].native_shape)
+    grid = tuple(int(n) for n in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"config.data.common_grid = {grid}: expected a subject name or (X, Y, Z) > 0")
+    return grid
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh_shape``, checked before anything compiles.
+
+    Fails, naming the config fields, when the mesh does not fit the devices or a batch size does
+    not split over the data x fsdp devices and the processes.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    try:
+        mesh = sharding_lib.make_mesh(tuple(config.mesh_shape), devices=devices)
+    except ValueError as error:
+        raise ValueError(f"config.mesh_shape = {tuple(config.mesh_shape)} does not fit the {len(devices)} "
+                         f"visible {devices[0].platform} devices: {error}. Give (data, fsdp, tensor) whose "
+                         "product is the device count, one entry may be -1.") from None
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    for field in ("data.batch_size", "eval.batch_size"):
+        parent, leaf = field.split(".")
+        if parent not in config or leaf not in config[parent]:
+            continue
+        size = config[parent][leaf]
+        ways = math.lcm(batch_ways, jax.process_count())
+        if size < 1 or size % ways:
+            raise ValueError(
+                f"config.{field} = {size} does not split over the mesh's data x fsdp = {mesh.shape['data']} x "
+                f"{mesh.shape['fsdp']} devices and {jax.process_count()} processes: use a multiple of {ways}, or "
+                f"change config.mesh_shape = {tuple(config.mesh_shape)}.")
+    return mesh

@@ -1,70 +1,67 @@
-"""The stage-1 training loop: restore or initialise, step, log, checkpoint, evaluate."""
+"""The generic training loop: restore or initialise, step, log, checkpoint, evaluate.
+
+Any task (``nvl_jax.training.tasks``) runs through it: the loop knows nothing of ViT3Ds or LLMs.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import jax
 import ml_collections
-from flax import nnx
 from tqdm.auto import tqdm
 
-from nvl_jax.data import pipeline
-from nvl_jax.evaluation import stage1 as stage1_eval
-from nvl_jax.models import vit3d
-from nvl_jax.training import experiment as experiment_lib
-from nvl_jax.training import optim, state as state_lib, steps
+from nvl_jax.training import optim, run_config, state as state_lib, steps, tasks
 from nvl_jax.training.checkpointing import Checkpointer
 from nvl_jax.training.metrics_writer import MetricsWriter
-
-
-def total_steps(config: ml_collections.ConfigDict, dataset) -> int:
-    """``config.total_steps``, or ``config.epochs`` passes over the training trials when it is -1."""
-    if config.total_steps > 0:
-        return config.total_steps
-    records = len(pipeline.build_records(dataset, "train", "train"))
-    return max(1, math.ceil(config.epochs * records / config.data.batch_size))
-
-
-def model_builder(experiment: experiment_lib.Experiment):
-    return lambda: vit3d.BrainEncoder(experiment.model_config, rngs=nnx.Rngs(experiment.config.seed))
+from nvl_jax.training.task import Task
 
 
 def _finite(value: float) -> bool:
     return math.isfinite(float(value))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains (resuming from ``workdir``'s newest checkpoint if any), then evaluates; returns eval.json's dict."""
+def plan(task: Task) -> tuple[state_lib.StateLayout, "optim.optax.GradientTransformation", int]:
+    """``(layout, tx, total_steps)`` of ``task``: nothing is allocated."""
+    steps_total = task.total_steps()
+    tx = optim.make_optimizer(task.config.optimizer, steps_total)
+    return state_lib.plan(task.build_model, task.trainable(), tx, task.mesh, task.rules), tx, steps_total
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | None = None) -> dict:
+    """Trains ``config.task`` (resuming from ``workdir``'s newest checkpoint if any), then evaluates.
+
+    Returns the task's evaluation dict. ``workdir/config.json`` records the resolved config; a
+    resume with a config that changes shapes, data or the task is refused (``run_config``).
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    experiment = experiment_lib.build(config)
-    steps_total = total_steps(config, experiment.dataset)
-    tx = optim.make_optimizer(config.optimizer, steps_total)
-    schedule = optim.learning_rate_schedule(config.optimizer, steps_total)
-    build_model = model_builder(experiment)
-    layout = state_lib.plan(build_model, tx, experiment.mesh, experiment.rules)
-    data = iter(pipeline.train_dataset(config.data.root, experiment.dataset, global_batch_size=config.data.batch_size,
-                                       seed=config.seed, mixup=config.data.mixup,
-                                       worker_count=config.data.worker_count))
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     step = checkpointer.latest_step() or 0
     if step:
+        run_config.check_resume(workdir, config)
+    run_config.save(workdir, config)
+    task = task or tasks.get(config)
+    layout, tx, steps_total = plan(task)
+    schedule = optim.learning_rate_schedule(config.optimizer, steps_total)
+    data = task.train_iterator()
+    params, frozen = task.initial_state(layout)
+    if step:
+        del params  # freed before the checkpoint's copy is read
         params, opt_state, _ = checkpointer.restore(step, layout, data)
         print(f"resumed from {checkpointer.directory / str(step)}")
     else:
-        params, opt_state = state_lib.initialize(build_model, tx, layout)
-    train_step = steps.make_train_step(layout, tx, alpha=config.loss.alpha, mesh=experiment.mesh,
-                                       rules=experiment.rules, batch_ndims=experiment.batch_ndims)
+        opt_state = state_lib.init_optimizer(tx, params, layout)
+    train_step = steps.make_train_step(task, layout, tx)
+    constants = task.constants()
     writer = MetricsWriter(workdir, resume_step=step)
-    meta = {"config": config.to_dict(), "total_steps": steps_total}
+    meta = {"task": config.task, "total_steps": steps_total}
     previous = None  # the last step's metrics, read one step late so the device always has work queued
-    with tqdm(total=steps_total, initial=step, desc="stage 1", unit="step", disable=jax.process_index() != 0) as bar:
+    with tqdm(total=steps_total, initial=step, desc=task.name, unit="step", disable=jax.process_index() != 0) as bar:
         while step < steps_total:
-            batch = pipeline.global_batch(next(data), experiment.mesh, experiment.rules)
-            params, opt_state, metrics = train_step(params, opt_state, batch, experiment.prep)
+            batch = task.global_batch(next(data))
+            params, opt_state, metrics = train_step(params, opt_state, frozen, batch, constants,
+                                                    steps.step_counter(step))
             step += 1
             if previous is not None and not _finite(previous[1]["loss"]):
                 raise FloatingPointError(_nan_message(previous[0], previous[1]["loss"], checkpointer))
@@ -81,31 +78,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 checkpointer.save(step, params, opt_state, data, {**meta, "step": step})
             bar.update(1)
     writer.close()
-    results = evaluate(experiment, layout, params, workdir)
+    results = task.evaluate(layout.merge(params, frozen), workdir)
+    print(task.describe(results))
     checkpointer.close()
     return results
 
 
-def evaluate(experiment: experiment_lib.Experiment, layout: state_lib.StateLayout, params, workdir: Path) -> dict:
-    """Both test modes on ``params``: predictions in ``workdir``, eval.json written and printed; returns it."""
-    predict_step = steps.make_predict_step(layout, mesh=experiment.mesh, rules=experiment.rules,
-                                           batch_ndims={**experiment.batch_ndims, "valid": 1})
-    results = stage1_eval.evaluate(experiment, params, predict_step, workdir)
-    write_eval(workdir, results)
-    return results
+def restore_model(workdir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
+    """``(task, model, step)`` of a finished or running run, from its folder alone.
+
+    The config comes from ``workdir/config.json``; the trainable state from the newest (or
+    ``step``'s) checkpoint; the frozen state from the task's deterministic start.
+    """
+    workdir = Path(workdir)
+    config = run_config.load(workdir)
+    checkpointer = Checkpointer(workdir)
+    step = step or checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint; train first with "
+                                f"python -m nvl_jax.train --config=... --workdir={workdir}")
+    task = tasks.get(config, mesh)
+    layout, _, _ = plan(task)
+    _, frozen = task.initial_state(layout)
+    params, _ = checkpointer.restore_params(step, layout)
+    checkpointer.close()
+    return task, layout.merge(params, frozen), step
 
 
 def _nan_message(step: int, loss: float, checkpointer: Checkpointer) -> str:
     return (f"step {step}: loss is {loss}; training stopped. The last good checkpoint "
             f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept; lower the learning rate "
             "or check the data, then rerun the same command to resume from it.")
-
-
-def write_eval(workdir: Path, results: dict) -> None:
-    """Writes ``workdir/eval.json`` and prints the headline figures."""
-    if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(results, indent=2))
-    for mode, m in results.items():
-        print(f"{mode}: brain->image top-1 {m['brain_to_image_top1']:.3f}, image->brain top-1 "
-              f"{m['image_to_brain_top1']:.3f} (chance {m['chance_top1']:.3f}, {m['n_test']} test stimuli), "
-              f"two-way {m['two_way_identification']:.3f}, mse clip {m['mse_clip']:.4f} vae {m['mse_vae']:.4f}")

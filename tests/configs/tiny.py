@@ -1,25 +1,19 @@
-"""configs/demo.py shrunk for tests: ``--config=tests/configs/tiny.py:DATA_ROOT``."""
+"""configs/demo.py shrunk for tests: ``--config=tests/configs/tiny.py:root=DATA_ROOT``."""
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location(
-    "demo_config", Path(__file__).resolve().parents[2] / "configs" / "demo.py")
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+from nvl_jax.configs import demo, parse_arg
 
 
-def get_config(root: str = "data/tiny"):
-    config = _demo.get_config()
-    config.data.root = root
+def get_config(arg: str | None = None):
+    variant = parse_arg(arg, root="data/tiny", patch=7)
+    config = demo.get_config()
+    config.data.root = variant.root
     config.data.synthetic.scale = 0.25
     config.data.synthetic.train_stimuli = 40
     config.data.synthetic.test_stimuli = 16
     config.data.synthetic.sessions = 2
     config.data.synthetic.image_size = 64
     config.targets.image_size = 64
-    config.data.common_grid = (21, 26, 20)
-    config.data.patch_size = 7
+    config.data.patch_size = variant.patch  # on subj01's 20 x 26 x 21 grid at this scale
     config.data.batch_size = 8
     config.model.width = 32
     config.model.depth = 2

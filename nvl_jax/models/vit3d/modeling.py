@@ -67,7 +67,7 @@ class ViT3DConfig:
         return jnp.dtype(self.compute_dtype)
 
     @classmethod
-    def paper(cls, patch_size: int = 14, grid: tuple[int, int, int] = (83, 104, 81)) -> ViT3DConfig:
+    def paper(cls, patch_size: int = 14, grid: tuple[int, int, int] = (81, 104, 83)) -> ViT3DConfig:
         """16 layers, width 768, 12 heads, on ``grid`` zero-padded up to a multiple of ``patch_size``."""
         return cls(patch_size=patch_size, patch_grid=tuple(-(-n // patch_size) for n in grid))
 
@@ -278,14 +278,29 @@ class BrainEncoder(nnx.Module):
                             hidden_states=features.hidden_states)
 
 
-def dual_stream_loss(output: Stage1Output, clip_target: jax.Array, vae_target: jax.Array,
-                     alpha: float = 1 / 64) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``MSE_clip + alpha * MSE_vae``, each MSE a mean over all elements (batch included).
+LOSS_REDUCTIONS = ("squared_norm", "mean")
 
-    ``clip_target [batch, clip_dim]``, ``vae_target [batch, h, w, c]``. Computed in float32.
-    Returns ``(loss, {"loss", "mse_clip", "mse_vae"})``.
+
+def dual_stream_loss(output: Stage1Output, clip_target: jax.Array, vae_target: jax.Array,
+                     alpha: float = 1 / 64, reduction: str = "squared_norm") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The dual-stream alignment loss of a batch, computed in float32.
+
+    ``clip_target [batch, clip_dim]``, ``vae_target [batch, h, w, c]``. ``reduction``:
+
+    - ``"squared_norm"``: the paper's ``||f_c - E_clip||^2 + alpha ||f_v - E_vae||^2`` per sample,
+      averaged over the batch and divided by ``clip_dim``. The constant divisor changes neither the
+      optimum nor the relative weight of the two streams; it keeps gradients at a mean's scale.
+    - ``"mean"``: ``MSE_clip + alpha * MSE_vae``, each a mean over its own elements. The VAE term
+      then weighs ``vae_size / clip_dim`` less than in the paper (21x at NSD's 64 x 64 x 4 latents).
+
+    Returns ``(loss, {"loss", "mse_clip", "mse_vae"})``; the two MSEs are element means either way.
     """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
     mse_clip = jnp.mean(jnp.square(output.clip_embedding.astype(jnp.float32) - clip_target.astype(jnp.float32)))
     mse_vae = jnp.mean(jnp.square(output.vae_latent.astype(jnp.float32) - vae_target.astype(jnp.float32)))
-    loss = mse_clip + alpha * mse_vae
+    vae_weight = alpha
+    if reduction == "squared_norm":
+        vae_weight = alpha * math.prod(vae_target.shape[1:]) / clip_target.shape[-1]
+    loss = mse_clip + vae_weight * mse_vae
     return loss, {"loss": loss, "mse_clip": mse_clip, "mse_vae": mse_vae}
