@@ -21,7 +21,6 @@
 # figures are saved next to the run (`NVL_QUICKSTART_DIR`, default `runs/quickstart`).
 
 # %%
-import importlib.util
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from nilearn import plotting
 
+from nvl_jax.configs import demo
 from nvl_jax.data import format as data_format
 from nvl_jax.data import synthetic, volumes
 from nvl_jax.evaluation.retrieval import cosine_similarity
@@ -73,11 +73,11 @@ nib.save(betas_img, RUN / "subj01_trial0_betas.nii.gz")
 
 # %% [markdown]
 # ## 3. Active patches on the common grid
-# Every subject is resampled (trilinear) onto one grid, zero-padded and cut into P^3 cubes; only
-# the cubes touching the union of the resampled masks are kept.
+# Every subject is resampled (trilinear) onto one grid, subj01's own (X, Y, Z as stored), zero-padded
+# and cut into P^3 cubes; only the cubes touching the union of the resampled masks are kept.
 
 # %%
-common_grid, patch = (21, 26, 20), 7
+common_grid, patch = subject.native_shape, 7
 union = volumes.resample_masks_union([s.nsdgeneral for s in dataset.subjects.values()], common_grid)
 active = volumes.active_patches(union, patch)
 print(f"{len(active)} of {np.prod(volumes.patch_grid(common_grid, patch))} patches are active")
@@ -96,14 +96,11 @@ fig.savefig(RUN / "active_patches.png", dpi=80)
 # download), computed on first use.
 
 # %%
-spec = importlib.util.spec_from_file_location("demo", Path("configs/demo.py"))
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
 config = demo.get_config()
 config.data.root = str(DATA)
 config.data.synthetic.update(dict(scale=0.25, train_stimuli=120, test_stimuli=30, sessions=2, image_size=64))
 config.targets.image_size = 64
-config.data.common_grid, config.data.patch_size = common_grid, patch
+config.data.patch_size = patch  # the common grid stays subj01's
 config.model.update(dict(width=64, depth=2, num_heads=2, head_hidden=128))
 config.total_steps, config.checkpoint_every_steps, config.log_every_steps = STEPS, STEPS, 25
 results = loop.train(config, RUN / "train")

@@ -45,3 +45,21 @@ def test_torch_is_pinned_exactly_in_the_test_extra_only():
     assert runtime and not [r for r in runtime if r.startswith(("torch", "diffusers"))]
     assert re.search(r'"torch==2\.13\.0"', setup)
 
+
+
+def test_a_non_editable_install_finds_its_default_config_away_from_the_source_tree(tmp_path):
+    """``pip install .`` then ``python -m nvl_jax.train`` from another folder: the demo config is installed."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(ROOT)], check=True, capture_output=True, text=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    # -I keeps the source tree and the editable install off sys.path; the installed copy is all there is.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import runpy; "
+            "sys.argv = ['train', '--print_config', '--config.model.depth=3']; "
+            "runpy.run_module('nvl_jax.train', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-I", "-c", code, str(site)], cwd=elsewhere, env=env,
+                            capture_output=True, text=True)
+    assert "depth: 3" in result.stdout, result.stdout + result.stderr
+    assert "in_silico_nsd" in result.stdout

@@ -346,7 +346,7 @@ def test_two_training_steps_read_the_prepared_dataset(prepared, tmp_path):
     spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(str(root))
+    config = module.get_config(f"root={root}")
     config.data.common_grid = (11, 12, 10)
     config.data.patch_size = 6
     config.total_steps = 2

@@ -23,12 +23,21 @@ def test_directions_differ_when_one_image_attracts_every_brain_sample():
     assert image_to_brain == pytest.approx(2 / 3)  # columns 1 and 2 pick their own brain sample
 
 
-def test_two_way_identification_counts_the_wrong_images_beaten():
-    similarity = np.array([[1.0, 0.5, 2.0],
-                           [0.0, 1.0, 0.5],
-                           [0.0, 0.0, 1.0]])
-    # row 0 beats 1 of 2, row 1 beats 2 of 2, row 2 beats 2 of 2
-    assert retrieval.two_way_identification(similarity) == pytest.approx((0.5 + 1 + 1) / 3)
+def test_two_way_identification_is_mindeyes_pearson_protocol():
+    rng = np.random.default_rng(3)
+    targets = rng.normal(size=(7, 12))
+    predictions = targets + rng.normal(scale=1.5, size=targets.shape)
+    # Written out as the field's code does it: rows are variables, one per image.
+    n = len(targets)
+    expected = []
+    for j in range(n):
+        own = np.corrcoef(targets[j], predictions[j])[0, 1]
+        others = [np.corrcoef(targets[i], predictions[j])[0, 1] for i in range(n) if i != j]
+        expected.append(np.mean([o < own for o in others]))
+    assert retrieval.two_way_identification(predictions, targets) == pytest.approx(np.mean(expected))
+    # Pearson, not cosine: a per-row offset changes cosine similarity but not correlation.
+    shifted = predictions + rng.normal(scale=5.0, size=(n, 1))
+    assert retrieval.two_way_identification(shifted, targets) == pytest.approx(np.mean(expected))
 
 
 def test_n_way_protocol_and_chance():

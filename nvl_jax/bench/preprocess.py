@@ -7,7 +7,7 @@ with ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` at the
 reshape and keep the active ones. The tests check ``volumes`` against it; the
 benchmark times both on NSD-sized subjects (the four native grids of NSD's
 subjects 1, 2, 5, 7, random blob masks of about 15k voxels, common grid
-(83, 104, 81)): the jitted ``betas_to_patches`` after warm-up versus the
+(81, 104, 83)): the jitted ``betas_to_patches`` after warm-up versus the
 reference in this process. Prints one JSON object.
 """
 
@@ -32,7 +32,7 @@ NSD_NATIVE_SHAPES = {
     "subj05": (79, 97, 78),
     "subj07": (78, 95, 81),
 }
-NSD_COMMON_GRID = (83, 104, 81)
+NSD_COMMON_GRID = (81, 104, 83)
 
 
 def source_coordinates(n_in: int, n_out: int) -> np.ndarray:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COMMON_GRID = (83, 104, 81)
+COMMON_GRID = (81, 104, 83)  # subj01's 1.8 mm grid, X, Y, Z as stored (the paper writes Z, Y, X)
 
 
 @flax.struct.dataclass

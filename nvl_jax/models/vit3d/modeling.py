@@ -282,7 +282,7 @@ LOSS_REDUCTIONS = ("squared_norm", "mean")
 
 
 def dual_stream_loss(output: Stage1Output, clip_target: jax.Array, vae_target: jax.Array,
-                     alpha: float = 1 / 64, reduction: str = "squared_norm") -> tuple[jax.Array, dict[str, jax.Array]]:
+                     alpha: float = 1 / 64, reduction: str = "mean") -> tuple[jax.Array, dict[str, jax.Array]]:
     """The dual-stream alignment loss of a batch, computed in float32.
 
     ``clip_target [batch, clip_dim]``, ``vae_target [batch, h, w, c]``. ``reduction``:
