@@ -50,6 +50,9 @@ setup(
             "pillow",
             "pytest",
             "pytest-xdist",
+            "pycocoevalcap>=1.2",
         ],
+        # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well.
+        "eval": ["pycocoevalcap>=1.2"],
     },
 )
