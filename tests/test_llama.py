@@ -159,3 +159,20 @@ def test_scaled_rope_frequencies_match_transformers(rope):
     expected, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config)
     got = LlamaConfig.from_hf_config(config.to_dict()).rope.inv_freq(32)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+
+
+def test_export_is_read_back_by_transformers_with_the_same_logits(tmp_path):
+    from nvl_jax.models.llama import export
+
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, rope=RopeConfig(theta=500.0), tie_word_embeddings=False,
+                         eos_token_ids=(2, 3))
+    ours = LlamaForCausalLM(config, rngs=nnx.Rngs(3))
+    folder = export.save_pretrained(ours, tmp_path / "hf")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = np.array([[1, 5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)).logits), expected, rtol=1e-5, atol=1e-5)
+    reloaded = LlamaForCausalLM.from_pretrained(folder)
+    assert reloaded.config == config
