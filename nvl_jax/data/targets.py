@@ -5,7 +5,8 @@
 - VAE latent: the posterior mean of the Stable Diffusion VAE at ``image_size``
   pixels, times ``scaling_factor`` (512 px: ``[64, 64, 4]``).
 
-    python -m nvl_jax.data.targets --data DIR --clip openai/clip-vit-large-patch14 --vae stabilityai/sd-vae-ft-mse
+    python -m nvl_jax.data.targets --data DIR --clip openai/clip-vit-large-patch14 \
+        --vae stabilityai/stable-diffusion-2-1-unclip-small --vae_subfolder vae
     python -m nvl_jax.data.targets --data DIR --random_init     # tiny random stand-ins, no download
 
 Computed once in batches with the model zoo's Flax models and written to
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--clip", help="CLIP checkpoint (hub name or folder), e.g. openai/clip-vit-large-patch14")
-    parser.add_argument("--vae", help="VAE checkpoint, e.g. stabilityai/sd-vae-ft-mse")
+    parser.add_argument("--vae", help="VAE checkpoint, e.g. stabilityai/stable-diffusion-2-1-unclip-small (with --vae_subfolder vae), the VAE reconstruction decodes with")
     parser.add_argument("--vae_subfolder", help="e.g. vae, for a pipeline repo")
     parser.add_argument("--image_size", type=int, default=512, help="pixels the VAE sees (512 -> 64x64 latents)")
     parser.add_argument("--batch_size", type=int, default=16)
