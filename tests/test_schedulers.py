@@ -105,20 +105,26 @@ def fake_model(fixed_output, sample):
     return fixed_output + 0.3 * sample
 
 
-def run_loops(name, config, steps, step_kwargs=None, noise=False):
-    """The samples after every step, ours ``[steps, *SAMPLE_SHAPE]`` and diffusers'."""
+def run_loops(name, config, steps, step_kwargs=None, noise=False, start_index=0):
+    """The samples after every step, ours ``[steps, *SAMPLE_SHAPE]`` and diffusers'.
+
+    ``start_index > 0`` starts part-way, as diffusers' img2img pipelines do: from
+    ``timesteps[start_index:]`` with a fresh history (and ``set_begin_index``).
+    """
     step_kwargs = step_kwargs or {}
     ref, sched = reference(name, config), ours(name, config)
     ref.set_timesteps(steps)
+    if start_index and hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(start_index)
     state = sched.init_state(steps, SAMPLE_SHAPE)
-    num = len(ref.timesteps)
+    num = len(ref.timesteps) - start_index
     rng = np.random.default_rng(0)
     outputs = rng.standard_normal((num, *SAMPLE_SHAPE)).astype(np.float32)
     noises = rng.standard_normal((num, *SAMPLE_SHAPE)).astype(np.float32)
     start = rng.standard_normal(SAMPLE_SHAPE).astype(np.float32)
 
     expected, sample = [], torch.from_numpy(start)
-    for i, t in enumerate(ref.timesteps):
+    for i, t in enumerate(ref.timesteps[start_index:]):
         model_output = fake_model(torch.from_numpy(outputs[i]), sample)
         kwargs = dict(step_kwargs, variance_noise=torch.from_numpy(noises[i])) if noise else step_kwargs
         sample = ref.step(model_output, t, sample, **kwargs).prev_sample
@@ -133,7 +139,7 @@ def run_loops(name, config, steps, step_kwargs=None, noise=False):
             sample, state = sched.step(state, fake_model(fixed_output, sample), i, sample, **kwargs)
             return (sample, state), sample
 
-        _, samples = jax.lax.scan(body, (start, state), (jnp.arange(num), outputs, noises))
+        _, samples = jax.lax.scan(body, (start, state), (start_index + jnp.arange(num), outputs, noises))
         return samples
 
     return np.asarray(loop(state, start, outputs, noises)), np.stack(expected)
@@ -188,6 +194,13 @@ DPM_CASES = {
 @pytest.mark.parametrize("case", DPM_CASES)
 def test_dpm_solver_loop_equals_diffusers(case, steps):
     samples, expected = run_loops("DPMSolverMultistepScheduler", DPM_CASES[case], steps)
+    assert_close(samples, expected)
+
+
+@pytest.mark.parametrize("name,config", [("PNDMScheduler", UNCLIP_PNDM), ("DPMSolverMultistepScheduler", DPM_CASES["v"]),
+                                         ("DDIMScheduler", DDIM_CASES["v"][0])])
+def test_loop_started_part_way_equals_diffusers_img2img(name, config):
+    samples, expected = run_loops(name, config, 20, start_index=6)
     assert_close(samples, expected)
 
 
