@@ -55,13 +55,16 @@ class BrainLMOutput:
 class BrainLanguageModel(nnx.Module):
     """``encoder`` (the stage-1 ViT3D), ``projector`` and ``llm``; parameters of all three in one state."""
 
-    def __init__(self, config: BrainLMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: BrainLMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 encoder: vit3d.ViT3D | None = None, llm: llama.LlamaForCausalLM | None = None):
+        """Random parts, or the given ``encoder`` (a trained stage-1 ViT3D) and ``llm`` (a pretrained LLM,
+        without adapters: LoRA is applied here); the projector always starts random."""
         from nvl_jax.models.brain_lm import lora
 
         self.config = config
-        self.encoder = vit3d.ViT3D(config.extractor, rngs=rngs)
+        self.encoder = encoder if encoder is not None else vit3d.ViT3D(config.extractor, rngs=rngs)
         self.projector = Projector(config.extractor.width, config.llm.hidden_size, dtype=dtype, rngs=rngs)
-        self.llm = llama.LlamaForCausalLM(config.llm, dtype=dtype, rngs=rngs)
+        self.llm = llm if llm is not None else llama.LlamaForCausalLM(config.llm, dtype=dtype, rngs=rngs)
         if config.lora.rank:
             lora.apply_lora(self.llm, config.lora.rank, config.lora.alpha, config.lora.targets, rngs=rngs)
 

@@ -1,6 +1,7 @@
 """Tasks of the generic trainer, one module each, chosen by ``config.task``.
 
 - ``stage1``: the ViT3D extractor with dual-stream CLIP / VAE alignment (the paper's stage 1).
+- ``stage2``: the brain-language model on a stage-1 run: projector, LLM (frozen, full or LoRA).
 """
 
 from __future__ import annotations

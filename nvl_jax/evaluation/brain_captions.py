@@ -1,0 +1,154 @@
+"""Captions from brain tokens for every test stimulus, and the field's caption metrics on them.
+
+For each test mode (multi-trial: the subject's repeats averaged; single-trial: the first
+presentation) and each subject, the brain-language model answers the brief-description
+instruction from the trial's brain tokens. Two baselines run beside it:
+
+- ``shuffled``: the same model fed the brain tokens of another test stimulus of the same subject
+  (a seeded derangement), which measures what the LLM writes without the right brain signal;
+- ``prior``: the most common training caption, written for every stimulus.
+
+Each entry holds ``evaluation.captions.score``'s metrics against the stimulus's reference captions,
+pooled over subjects, and ``object_f1``, the F1 of the (colour, shape) pairs a caption names
+against the scene graph, where the dataset's objects carry colours (the in-silico NSD).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nvl_jax.data import instruction_templates, language_pipeline, pipeline
+from nvl_jax.evaluation import captions as caption_metrics
+from nvl_jax.evaluation.object_f1 import object_f1
+from nvl_jax.language import conversation as conversation_lib
+
+# The instruction each caption task asks; "reasoning" asks each stimulus's own reasoning question.
+TASK_INSTRUCTIONS = {"brief": instruction_templates.BRIEF_INSTRUCTIONS[0],
+                     "detailed": instruction_templates.DETAILED_INSTRUCTIONS[0]}
+TASKS = ("brief", "detailed", "reasoning")
+
+
+def _prompts(task, kind: str, stimuli: np.ndarray) -> tuple[list, dict[int, list[str]]]:
+    """Per stimulus, the tokenized generation prompt and the reference answers of ``kind``."""
+    records = [r for r in task.dataset.instructions() if r["kind"] == kind] if kind == "reasoning" else []
+    references = {int(s): list(task.dataset.captions()[int(s)]) for s in stimuli}
+    prompts = {}
+    for s in np.unique(stimuli):
+        if kind == "reasoning":
+            own = [r for r in records if r["stimulus"] == int(s)]
+            if not own:
+                raise ValueError(f"stimulus {int(s)} has no reasoning conversation in the instruction data")
+            question, answer = own[0]["conversation"][0], own[0]["conversation"][1]["content"]
+            references[int(s)] = [answer]
+        else:
+            question = {"role": "user", "content": f"<image>\n{TASK_INSTRUCTIONS[kind]}"}
+        prompts[int(s)] = conversation_lib.tokenize_conversation(
+            [question], task.config.conversation.format, task.tokenizer, max_length=task.config.data.max_length)
+    return prompts, references
+
+
+def _merged_inputs(model, prep, betas, subject, input_ids, attention_mask):
+    patches = prep.patches({"betas": betas, "subject": subject})
+    return model.merged_inputs(patches, prep.active, input_ids, attention_mask)[:2]
+
+
+def generate(task, model, mode: str, kind: str = "brief", *, shuffled: bool = False,
+             max_new_tokens: int | None = None, limit: int | None = None) -> list[dict]:
+    """Greedy answers for every test record of ``mode``: ``[{stimulus, subject, mode, task, caption}]``.
+
+    ``shuffled`` feeds each record the betas of another test stimulus of the same subject.
+    """
+    config, dataset = task.config, task.dataset
+    records = pipeline.build_records(dataset, "test", mode)
+    if limit:
+        records = pipeline.Records(*(getattr(records, f)[:limit] for f in ("subject", "stimulus", "trials",
+                                                                          "partners")))
+    source = pipeline.RecordSource(dataset.root, records, max(s.n_voxels for s in dataset.subjects.values()))
+    donors = np.arange(len(records))
+    if shuffled:
+        rng = np.random.default_rng(config.seed)
+        for s in np.unique(records.subject):
+            rows = np.flatnonzero(records.subject == s)
+            donors[rows] = rows[np.roll(rng.permutation(len(rows)), 1)] if len(rows) > 1 else rows
+    prompts, _ = _prompts(task, kind, records.stimulus)
+    pad = language_pipeline.pad_id(task.tokenizer)
+    eos = tuple(sorted({*task.model_config.llm.eos_token_ids, *([task.tokenizer.eos_token_id]
+                                                                 if task.tokenizer.eos_token_id is not None else [])}))
+    merge = nnx.jit(_merged_inputs)
+    batch_size = config.eval.batch_size
+    out = []
+    for start in tqdm(range(0, len(records), batch_size), desc=f"captions {mode}{' shuffled' if shuffled else ''}",
+                      unit="batch", leave=False, disable=jax.process_index() != 0):
+        rows = np.arange(start, min(start + batch_size, len(records)))
+        # Fixed batch shape (the last batch repeats its final row), so one program serves every batch.
+        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+        elements = [source[int(donors[i])] for i in padded]
+        batch = conversation_lib.collate([prompts[int(records.stimulus[i])] for i in padded], pad_id=pad,
+                                         length=config.data.max_length, padding_side="left", require_labels=False)
+        embeds, mask = merge(model, task.stage1.prep, jnp.asarray(np.stack([e["betas"] for e in elements])),
+                             jnp.asarray(np.stack([e["subject"] for e in elements])),
+                             jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+        generated = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
+                                       max_new_tokens=max_new_tokens or config.eval.max_new_tokens,
+                                       eos_token_id=eos, pad_token_id=pad)
+        sequences, lengths = np.asarray(generated.sequences), np.asarray(generated.lengths)
+        for k, i in enumerate(rows):
+            tokens = [t for t in sequences[k, :lengths[k]] if t not in eos]
+            out.append({"stimulus": int(records.stimulus[i]), "subject": list(dataset.subjects)[records.subject[i]],
+                        "mode": mode, "task": kind,
+                        "caption": task.tokenizer.decode(tokens, skip_special_tokens=True).strip()})
+    return out
+
+
+def prior_caption(dataset) -> str:
+    """The most common caption among the training stimuli (the first of the most common on ties)."""
+    counts = Counter(c for s in dataset.split["train"] for c in dataset.captions()[int(s)])
+    return counts.most_common(1)[0][0]
+
+
+def _scene_objects(dataset) -> list[list[tuple[str, str]]] | None:
+    """Each stimulus's (colour, shape) objects, or None when the dataset's objects have no colours."""
+    from nvl_jax.data import instructions
+
+    objects = instructions.stimulus_objects(dataset)
+    if any(o.colour is None for scene in objects for o in scene):
+        return None
+    return [[(o.colour, o.name) for o in scene] for scene in objects]
+
+
+def metrics(dataset, rows: list[dict], scene_objects) -> dict[str, float]:
+    """Caption metrics of ``rows`` against their stimuli's captions, plus object_f1 where defined."""
+    candidates = {f"{r['subject']}/{r['stimulus']}": r["caption"] for r in rows}
+    references = {f"{r['subject']}/{r['stimulus']}": list(dataset.captions()[r["stimulus"]]) for r in rows}
+    result = caption_metrics.score(candidates, references)
+    if scene_objects is not None:
+        result["object_f1"] = float(np.mean([object_f1(r["caption"], scene_objects[r["stimulus"]]) for r in rows]))
+    return result
+
+
+def evaluate(task, model, workdir: Path) -> dict:
+    """``{mode: {"brain": {...}, "shuffled": {...}, "prior": {...}}}`` for both test modes; the brain
+    captions go to ``workdir/captions_test_brief.jsonl``."""
+    dataset = task.dataset
+    scene_objects = _scene_objects(dataset)
+    prior = prior_caption(dataset)
+    results, lines = {}, []
+    for mode in pipeline.TEST_MODES:
+        brain = generate(task, model, mode)
+        shuffled = generate(task, model, mode, shuffled=True)
+        lines += brain
+        results[mode] = {"brain": metrics(dataset, brain, scene_objects),
+                         "shuffled": metrics(dataset, shuffled, scene_objects),
+                         "prior": metrics(dataset, [{**r, "caption": prior} for r in brain], scene_objects)}
+    if jax.process_index() == 0:
+        with open(workdir / "captions_test_brief.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    return results
