@@ -36,23 +36,24 @@ TASK_INSTRUCTIONS = {"brief": instruction_templates.BRIEF_INSTRUCTIONS[0],
 TASKS = ("brief", "detailed", "reasoning")
 
 
-def _prompts(task, kind: str, stimuli: np.ndarray) -> tuple[list, dict[int, list[str]]]:
-    """Per stimulus, the tokenized generation prompt and the reference answers of ``kind``."""
-    records = [r for r in task.dataset.instructions() if r["kind"] == kind] if kind == "reasoning" else []
-    references = {int(s): list(task.dataset.captions()[int(s)]) for s in stimuli}
+def _prompts(task, kind: str, stimuli: np.ndarray) -> dict[int, conversation_lib.TokenizedConversation]:
+    """Per stimulus, the tokenized generation prompt of ``kind`` (reasoning: the stimulus's own question)."""
+    reasoning = {}
+    if kind == "reasoning":
+        for r in task.dataset.instructions():
+            if r["kind"] == "reasoning":
+                reasoning.setdefault(r["stimulus"], r["conversation"][0])
     prompts = {}
     for s in np.unique(stimuli):
         if kind == "reasoning":
-            own = [r for r in records if r["stimulus"] == int(s)]
-            if not own:
+            if int(s) not in reasoning:
                 raise ValueError(f"stimulus {int(s)} has no reasoning conversation in the instruction data")
-            question, answer = own[0]["conversation"][0], own[0]["conversation"][1]["content"]
-            references[int(s)] = [answer]
+            question = reasoning[int(s)]
         else:
             question = {"role": "user", "content": f"<image>\n{TASK_INSTRUCTIONS[kind]}"}
         prompts[int(s)] = conversation_lib.tokenize_conversation(
             [question], task.config.conversation.format, task.tokenizer, max_length=task.config.data.max_length)
-    return prompts, references
+    return prompts
 
 
 def _merged_inputs(model, prep, betas, subject, input_ids, attention_mask):
@@ -60,14 +61,38 @@ def _merged_inputs(model, prep, betas, subject, input_ids, attention_mask):
     return model.merged_inputs(patches, prep.active, input_ids, attention_mask)[:2]
 
 
-def generate(task, model, mode: str, kind: str = "brief", *, shuffled: bool = False,
-             max_new_tokens: int | None = None, limit: int | None = None) -> list[dict]:
-    """Greedy answers for every test record of ``mode``: ``[{stimulus, subject, mode, task, caption}]``.
+_merge = nnx.jit(_merged_inputs)
 
-    ``shuffled`` feeds each record the betas of another test stimulus of the same subject.
+
+def answer(task, model, betas: np.ndarray, subject: np.ndarray, prompts: list, max_new_tokens: int) -> list[str]:
+    """Greedy answers to tokenized generation ``prompts`` (one per row), each from its row's brain tokens.
+
+    betas ``float32 [batch, max_voxels]``, subject ``int32 [batch]``; ``prompts``: tokenized
+    conversations ending with a user turn (``language.conversation.tokenize_conversation``).
+    """
+    pad = language_pipeline.pad_id(task.tokenizer)
+    eos = tuple(sorted({*task.model_config.llm.eos_token_ids,
+                        *([task.tokenizer.eos_token_id] if task.tokenizer.eos_token_id is not None else [])}))
+    batch = conversation_lib.collate(prompts, pad_id=pad, length=max(len(p.input_ids) for p in prompts),
+                                     padding_side="left", require_labels=False)
+    embeds, mask = _merge(model, task.stage1.prep, jnp.asarray(betas), jnp.asarray(subject),
+                          jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    generated = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos, pad_token_id=pad)
+    sequences, lengths = np.asarray(generated.sequences), np.asarray(generated.lengths)
+    return [task.tokenizer.decode([t for t in sequences[k, :lengths[k]] if t not in eos],
+                                  skip_special_tokens=True).strip() for k in range(len(prompts))]
+
+
+def generate(task, model, mode: str, kind: str = "brief", *, split: str = "test", shuffled: bool = False,
+             max_new_tokens: int | None = None, limit: int | None = None) -> list[dict]:
+    """Greedy answers for every record of ``split`` in ``mode``: ``[{stimulus, subject, mode, task, caption}]``.
+
+    ``shuffled`` feeds each record the betas of another stimulus of the same subject; ``limit`` keeps
+    the first records only.
     """
     config, dataset = task.config, task.dataset
-    records = pipeline.build_records(dataset, "test", mode)
+    records = pipeline.build_records(dataset, split, mode)
     if limit:
         records = pipeline.Records(*(getattr(records, f)[:limit] for f in ("subject", "stimulus", "trials",
                                                                           "partners")))
@@ -78,33 +103,21 @@ def generate(task, model, mode: str, kind: str = "brief", *, shuffled: bool = Fa
         for s in np.unique(records.subject):
             rows = np.flatnonzero(records.subject == s)
             donors[rows] = rows[np.roll(rng.permutation(len(rows)), 1)] if len(rows) > 1 else rows
-    prompts, _ = _prompts(task, kind, records.stimulus)
-    pad = language_pipeline.pad_id(task.tokenizer)
-    eos = tuple(sorted({*task.model_config.llm.eos_token_ids, *([task.tokenizer.eos_token_id]
-                                                                 if task.tokenizer.eos_token_id is not None else [])}))
-    merge = nnx.jit(_merged_inputs)
-    batch_size = config.eval.batch_size
+    prompts = _prompts(task, kind, records.stimulus)
+    batch_size, names = config.eval.batch_size, list(dataset.subjects)
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=f"captions {mode}{' shuffled' if shuffled else ''}",
                       unit="batch", leave=False, disable=jax.process_index() != 0):
         rows = np.arange(start, min(start + batch_size, len(records)))
-        # Fixed batch shape (the last batch repeats its final row), so one program serves every batch.
+        # A fixed batch shape (the last batch repeats its final row), so one program serves every batch.
         padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
         elements = [source[int(donors[i])] for i in padded]
-        batch = conversation_lib.collate([prompts[int(records.stimulus[i])] for i in padded], pad_id=pad,
-                                         length=config.data.max_length, padding_side="left", require_labels=False)
-        embeds, mask = merge(model, task.stage1.prep, jnp.asarray(np.stack([e["betas"] for e in elements])),
-                             jnp.asarray(np.stack([e["subject"] for e in elements])),
-                             jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
-        generated = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
-                                       max_new_tokens=max_new_tokens or config.eval.max_new_tokens,
-                                       eos_token_id=eos, pad_token_id=pad)
-        sequences, lengths = np.asarray(generated.sequences), np.asarray(generated.lengths)
-        for k, i in enumerate(rows):
-            tokens = [t for t in sequences[k, :lengths[k]] if t not in eos]
-            out.append({"stimulus": int(records.stimulus[i]), "subject": list(dataset.subjects)[records.subject[i]],
-                        "mode": mode, "task": kind,
-                        "caption": task.tokenizer.decode(tokens, skip_special_tokens=True).strip()})
+        captions = answer(task, model, np.stack([e["betas"] for e in elements]),
+                          np.stack([e["subject"] for e in elements]),
+                          [prompts[int(records.stimulus[i])] for i in padded],
+                          max_new_tokens or config.eval.max_new_tokens)
+        out += [{"stimulus": int(records.stimulus[i]), "subject": names[records.subject[i]], "mode": mode,
+                 "task": kind, "caption": captions[k]} for k, i in enumerate(rows)]
     return out
 
 
