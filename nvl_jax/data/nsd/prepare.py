@@ -63,7 +63,8 @@ class PrepareOptions:
         return {"command": COMMAND, "subjects": list(self.subjects), "sessions": self.sessions,
                 "format": self.betas_format, "trials_per_session": self.trials_per_session,
                 "dilation": self.dilation, "coco_instances": self.coco_instances,
-                "nsd_root": str(Path(self.nsd_root).resolve()), "coco_annotations": str(Path(self.coco_annotations).resolve())}
+                "nsd_root": str(Path(self.nsd_root).resolve()),
+                "coco_annotations": str(Path(self.coco_annotations).resolve())}
 
 
 @contextlib.contextmanager
