@@ -70,13 +70,12 @@ def tokenize_conversation(conversation: Sequence[Mapping[str, str]], fmt: Format
         input_ids += ids
         labels += ids if segment.kind == "answer" else [IGNORE_INDEX] * len(ids)
     n_truncated = max(0, len(input_ids) - max_length)
-    has_image = IMAGE_TOKEN_INDEX in input_ids
-    input_ids, labels = np.asarray(input_ids[:max_length], np.int32), np.asarray(labels[:max_length], np.int32)
-    image = np.flatnonzero(input_ids == IMAGE_TOKEN_INDEX)
-    if has_image and not len(image):
-        raise ValueError(f"max_length {max_length} cuts off the image placeholder at position "
-                         f"{len(input_ids) + n_truncated - n_truncated}; raise max_length")
-    return TokenizedConversation(input_ids, labels, int(image[0]) if len(image) else -1, n_truncated)
+    image_position = input_ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in input_ids else -1
+    if image_position >= max_length:
+        raise ValueError(f"max_length {max_length} cuts off the image placeholder at position {image_position}; "
+                         "raise max_length")
+    return TokenizedConversation(np.asarray(input_ids[:max_length], np.int32),
+                                 np.asarray(labels[:max_length], np.int32), image_position, n_truncated)
 
 
 def check_segmentation(conversation: Sequence[Mapping[str, str]], fmt: Format | str, tokenizer) -> None:
