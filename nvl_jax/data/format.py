@@ -18,6 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from nvl_jax.language.formats import IMAGE_PLACEHOLDER, check_conversation
+
 FORMAT = "nvl_jax-prepared"
 VERSION = 1
 BETAS_DTYPES = ("int16", "float16", "float32")
@@ -25,6 +27,7 @@ DATASET_FIELDS = ("format", "version", "source", "subjects", "n_stimuli", "image
 SUBJECT_FIELDS = ("native_shape", "affine", "n_voxels", "mask_dilation", "betas_dtype", "betas_scale", "sessions",
                   "n_trials")
 TRIAL_DTYPES = {"session": np.int16, "row": np.int32, "stimulus": np.int32, "repeat": np.int8}
+INSTRUCTION_FIELDS = ("id", "stimulus", "kind", "conversation")
 # Betas rows per read in the NaN scan: at NSD scale a session (750 x 16k) is read in a few MB at a time.
 _SCAN_ROWS = 256
 # NIfTI stores the affine as float32; a float64 affine survives the round trip to about 1e-6 mm.
@@ -213,6 +216,38 @@ def _read_split(root: Path, n_stimuli: int) -> dict[str, np.ndarray]:
     return split
 
 
+def _read_instructions(root: Path, n_stimuli: int) -> list[dict]:
+    """instructions/conversations.jsonl, checked line by line against instructions/instructions.json."""
+    info = _read_json(root, root / "instructions" / "instructions.json", ("source", "n_conversations"))
+    where = _existing(root, root / "instructions" / "conversations.jsonl")
+    records = []
+    with open(root / where) as f:
+        for line_number, line in enumerate(f, start=1):
+            at = f"{where} line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{at}: not valid JSON ({e})") from e
+            if not isinstance(record, dict) or set(record) != set(INSTRUCTION_FIELDS):
+                raise DatasetError(f"{at}: expected exactly the fields {INSTRUCTION_FIELDS}")
+            if not isinstance(record["stimulus"], int) or not 0 <= record["stimulus"] < n_stimuli:
+                raise DatasetError(f"{at}: stimulus {record['stimulus']!r} is outside [0, {n_stimuli})")
+            conversation = record["conversation"]
+            try:
+                check_conversation(conversation)
+            except ValueError as e:
+                raise DatasetError(f"{at}: conversation: {e}") from e
+            first_user = conversation[int(conversation[0]["role"] == "system")]
+            if conversation[-1]["role"] != "assistant" or IMAGE_PLACEHOLDER not in first_user["content"]:
+                raise DatasetError(f"{at}: conversation must hold {IMAGE_PLACEHOLDER} in its first user message and "
+                                   "end with an assistant message")
+            records.append(record)
+    if len(records) != info["n_conversations"]:
+        raise DatasetError(f"{where}: {len(records)} lines, instructions/instructions.json n_conversations is "
+                           f"{info['n_conversations']}")
+    return records
+
+
 class PreparedDataset:
     """A validated prepared dataset: root, info (dataset.json), subjects (name -> Subject, in dataset.json
     order), n_stimuli, split ("train" / "test" -> int32 stimulus ids). Betas, images and targets are
@@ -225,6 +260,7 @@ class PreparedDataset:
         self._captions = captions
         self._memmaps: dict[tuple[str, int], np.ndarray] = {}
         self._targets: Targets | None = None
+        self._instructions: list[dict] | None = None
 
     @classmethod
     def open(cls, root: str | Path, *, check_values: bool = True) -> PreparedDataset:
@@ -246,6 +282,8 @@ class PreparedDataset:
         dataset = cls(root, info, subjects, split, captions)
         if dataset.has_targets():
             dataset.targets()
+        if dataset.has_instructions():
+            dataset.instructions()
         return dataset
 
     def betas(self, subject: str, session: int, rows: np.ndarray) -> np.ndarray:
@@ -283,9 +321,22 @@ class PreparedDataset:
             self._targets = Targets(info=info, **arrays)
         return self._targets
 
+    def has_instructions(self) -> bool:
+        return (self.root / "instructions" / "instructions.json").is_file()
+
+    def instructions(self) -> list[dict]:
+        """The instruction conversations (instructions/conversations.jsonl, checked once, then cached): dicts
+        ``{"id": str, "stimulus": int, "kind": str, "conversation": [{"role", "content"}, ...]}``."""
+        if self._instructions is None:
+            if not self.has_instructions():
+                raise DatasetError("instructions/instructions.json: missing (python -m nvl_jax.data.instructions "
+                                   "writes it)")
+            self._instructions = _read_instructions(self.root, self.n_stimuli)
+        return self._instructions
+
     def __getstate__(self) -> dict:
         # A pickled np.memmap carries its whole array: worker processes map the files again instead.
-        return {**self.__dict__, "_memmaps": {}, "_targets": None}
+        return {**self.__dict__, "_memmaps": {}, "_targets": None, "_instructions": None}
 
     def __repr__(self) -> str:
         return f"PreparedDataset(root={str(self.root)!r}, subjects={list(self.subjects)}, n_stimuli={self.n_stimuli})"
@@ -407,3 +458,14 @@ def write_targets(root: str | Path, clip_image_embeds: np.ndarray, vae_latents: 
     _save_npy(folder / "clip_image_embeds.npy", np.asarray(clip_image_embeds, np.float32))
     _save_npy(folder / "vae_latents.npy", np.asarray(vae_latents, np.float32))
     save_json(folder / "targets.json", info)
+
+
+def write_instructions(root: str | Path, records: Sequence[dict], info: dict):
+    """instructions/: conversations.jsonl (one record per line, see ``PreparedDataset.instructions``) and
+    instructions.json (``info`` plus n_conversations) last, so ``has_instructions`` means complete."""
+    folder = Path(root) / "instructions"
+    (folder / "instructions.json").unlink(missing_ok=True)
+    with _atomic(folder / "conversations.jsonl") as partial, open(partial, "w") as f:
+        for record in records:
+            f.write(json.dumps({name: record[name] for name in INSTRUCTION_FIELDS}) + "\n")
+    save_json(folder / "instructions.json", {**info, "n_conversations": len(records)})

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sessions prepared at once, one process each (about 2 GB of memory each with nifti at "
                              "subj01's grid, 0.3 GB with hdf5); the output does not depend on it "
                              "(default: %(default)s)")
+    parser.add_argument("--coco_instances", action="store_true",
+                        help="also read COCO's object instances (instances_train2017.json, instances_val2017.json "
+                             "beside the captions in --coco_annotations) and write stimuli/objects.json, the objects "
+                             "the instruction builder (python -m nvl_jax.data.instructions) asks about")
     parser.add_argument("--verify", action="store_true",
                         help="afterwards re-read the output (format validation with the NaN scan, and every file's "
                              "sha256 against checksums.json); exit 1 on any mismatch")
@@ -70,7 +74,7 @@ def _options(args: argparse.Namespace) -> PrepareOptions | None:
     except ValueError as e:
         raise ValueError(f"--subjects: expected comma-separated numbers 1..8, got {args.subjects!r}") from e
     return PrepareOptions(args.nsd_root, args.coco_annotations, subjects, args.sessions, args.format,
-                          args.trials_per_session, args.dilation)
+                          args.trials_per_session, args.dilation, args.coco_instances)
 
 
 def main(argv: list[str] | None = None) -> None:

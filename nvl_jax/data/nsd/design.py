@@ -4,7 +4,8 @@
 the subject's image ``masterordering[t]`` (a column of its ``subjectim`` row); ``subjectim [8, 10000]``,
 each subject's images as 73k ids; ``sharedix [1, 1000]``, the 73k ids of the shared images.
 ``nsd_stim_info_merged.csv``: per 73k id (``nsdId``, 0-based) its COCO image (``cocoId``,
-``cocoSplit``) and the ``shared1000`` flag, which must agree with ``sharedix``.
+``cocoSplit``), the ``shared1000`` flag, which must agree with ``sharedix``, and the ``cropBox``
+(fractions of the COCO image cut from its top, bottom, left and right; read when the column exists).
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def split(seen: Sequence[np.ndarray], shared: np.ndarray) -> tuple[np.ndarray, n
 @dataclasses.dataclass(frozen=True)
 class StimInfo:
     """nsd_stim_info_merged.csv by 73k id: coco_id ``int64 [n]`` (-1: no row), coco_split ``str [n]``,
-    shared1000 ``bool [n]``."""
+    shared1000 ``bool [n]``, crop_box ``float64 [n, 4]`` (top, bottom, left, right; NaN without the column)."""
 
     path: Path
     coco_id: np.ndarray
     coco_split: np.ndarray
     shared1000: np.ndarray
+    crop_box: np.ndarray
 
     def coco_images(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(coco_id int64 [n], coco_split str [n])`` of the 73k ``ids``."""
@@ -105,14 +107,18 @@ def load_stim_info(path: Path) -> StimInfo:
         if missing:
             raise NSDError(f"{path}: missing column {', '.join(missing)} (expected {', '.join(STIM_INFO_COLUMNS)}; "
                            f"found {reader.fieldnames})")
+        has_crop = "cropBox" in (reader.fieldnames or ())
         for row in reader:
             try:
+                crop = [float(v) for v in row["cropBox"].strip("()[] ").split(",")] if has_crop else [np.nan] * 4
+                if len(crop) != 4:
+                    raise ValueError(f"cropBox holds {len(crop)} numbers")
                 rows.append((int(row["nsdId"]), int(row["cocoId"]), row["cocoSplit"],
-                             _FLAGS[row["shared1000"].strip().lower()]))
+                             _FLAGS[row["shared1000"].strip().lower()], crop))
             except (ValueError, KeyError) as e:
-                raise NSDError(f"{path}, line {reader.line_num}: expected integer nsdId and cocoId and a True/False "
-                               f"shared1000, found {row}") from e
-    bad = [split_name for _, _, split_name, _ in rows if split_name not in COCO_SPLITS]
+                raise NSDError(f"{path}, line {reader.line_num}: expected integer nsdId and cocoId, a True/False "
+                               f"shared1000 and a cropBox of 4 numbers, found {row}") from e
+    bad = [row[2] for row in rows if row[2] not in COCO_SPLITS]
     if bad or not rows:
         raise NSDError(f"{path}: cocoSplit must be one of {COCO_SPLITS} in every row; found "
                        f"{bad[0] if bad else 'no rows'}")
@@ -122,7 +128,9 @@ def load_stim_info(path: Path) -> StimInfo:
     coco_id[nsd_id] = [r[1] for r in rows]
     coco_split[nsd_id] = [r[2] for r in rows]
     shared1000[nsd_id] = [r[3] for r in rows]
-    return StimInfo(path, coco_id, coco_split, shared1000)
+    crop_box = np.full((size, 4), np.nan)
+    crop_box[nsd_id] = [r[4] for r in rows]
+    return StimInfo(path, coco_id, coco_split, shared1000, crop_box)
 
 
 def check_shared(design: Design, info: StimInfo) -> None:

@@ -68,11 +68,17 @@ class NSDLayout:
         return self.root / STIMULI
 
 
-def coco_captions(coco_dir: Path, coco_split: str) -> Path:
-    """``captions_<split>.json`` under ``coco_dir/annotations/`` (as the COCO zip unpacks) or ``coco_dir/``."""
-    candidates = [coco_dir / "annotations" / f"captions_{coco_split}.json", coco_dir / f"captions_{coco_split}.json"]
+def coco_annotations(coco_dir: Path, kind: str, coco_split: str) -> Path:
+    """``<kind>_<split>.json`` (kind: captions, instances) under ``coco_dir/annotations/`` (as the COCO zip
+    unpacks) or ``coco_dir/``."""
+    candidates = [coco_dir / "annotations" / f"{kind}_{coco_split}.json", coco_dir / f"{kind}_{coco_split}.json"]
     for path in candidates:
         if path.is_file():
             return path
-    raise NSDError(f"{candidates[0]}: missing (nor is there {candidates[1]}); expected COCO 2017's caption "
+    raise NSDError(f"{candidates[0]}: missing (nor is there {candidates[1]}); expected COCO 2017's {kind} "
                    f"annotations, from annotations_trainval2017.zip")
+
+
+def coco_captions(coco_dir: Path, coco_split: str) -> Path:
+    """COCO's caption annotations of one split (see ``coco_annotations``)."""
+    return coco_annotations(coco_dir, "captions", coco_split)

@@ -21,9 +21,12 @@ from nvl_jax.data.nsd.layout import NSDError
 RECORD = "prepare.json"
 SUMMARY = "summary.json"
 CHECKSUMS = "checksums.json"
+OBJECTS = "stimuli/objects.json"
 # prepare.json fields that decide the output; the input paths are kept for provenance only, so a
 # moved NSD mirror can still finish a run.
-OUTPUT_ARGUMENTS = ("subjects", "sessions", "format", "trials_per_session", "dilation")
+OUTPUT_ARGUMENTS = ("subjects", "sessions", "format", "trials_per_session", "dilation", "coco_instances")
+# What an output argument was before prepare.json recorded it.
+_UNRECORDED = {"coco_instances": False}
 
 
 def claim(out: Path, record: dict) -> bool:
@@ -35,6 +38,7 @@ def claim(out: Path, record: dict) -> bool:
             previous = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise NSDError(f"{path}: not valid JSON ({e}); delete {out} to start over") from e
+        previous = {**_UNRECORDED, **previous}
         differ = [k for k in OUTPUT_ARGUMENTS if previous.get(k) != record[k]]
         if differ:
             then = ", ".join(f"--{k} {previous.get(k)}" for k in differ)
@@ -50,10 +54,11 @@ def claim(out: Path, record: dict) -> bool:
     return False
 
 
-def dataset_files(subjects: dict[str, Sequence[str]]) -> list[str]:
+def dataset_files(subjects: dict[str, Sequence[str]], with_objects: bool = False) -> list[str]:
     """The files the preparer writes before summary.json, relative to the output folder; ``subjects``:
-    name -> session names."""
+    name -> session names; ``with_objects``: stimuli/objects.json too."""
     files = [RECORD, "split.json", "stimuli/images.npy", "stimuli/source_ids.npy", "stimuli/captions.json"]
+    files += [OBJECTS] * with_objects
     for name, sessions in subjects.items():
         files += [f"subjects/{name}/{file}" for file in ("subject.json", "nsdgeneral.nii.gz", "voxel_mask.nii.gz",
                                                          "trials.npz")]

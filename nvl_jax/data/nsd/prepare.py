@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nvl_jax.data.format import DatasetWriter, Trials, repeat_index, save_json
 from nvl_jax.data.nsd import design as design_lib
+from nvl_jax.data.nsd import objects as objects_lib
 from nvl_jax.data.nsd import output
 from nvl_jax.data.nsd import sessions as sessions_lib
 from nvl_jax.data.nsd import stimuli as stimuli_lib
@@ -36,7 +37,8 @@ COMMAND = "python -m nvl_jax.data.prepare_nsd"
 class PrepareOptions:
     """What to prepare: NSD's ``subjects`` (1..8), their first ``sessions`` sessions of
     ``trials_per_session`` trials from the ``betas_format`` files ("nifti" / "hdf5"), the voxels of
-    nsdgeneral dilated by ``dilation``; COCO's caption files under ``coco_annotations``."""
+    nsdgeneral dilated by ``dilation``; COCO's caption files under ``coco_annotations``, and with
+    ``coco_instances`` its instance files there too (stimuli/objects.json)."""
 
     nsd_root: Path
     coco_annotations: Path
@@ -45,6 +47,7 @@ class PrepareOptions:
     betas_format: str = "nifti"
     trials_per_session: int = 750
     dilation: int = 0
+    coco_instances: bool = False
 
     def __post_init__(self):
         if not self.subjects or len(set(self.subjects)) != len(self.subjects) or not set(self.subjects) <= set(
@@ -59,7 +62,8 @@ class PrepareOptions:
         """prepare.json's content."""
         return {"command": COMMAND, "subjects": list(self.subjects), "sessions": self.sessions,
                 "format": self.betas_format, "trials_per_session": self.trials_per_session,
-                "dilation": self.dilation, "nsd_root": str(Path(self.nsd_root).resolve()),
+                "dilation": self.dilation, "coco_instances": self.coco_instances,
+                "nsd_root": str(Path(self.nsd_root).resolve()),
                 "coco_annotations": str(Path(self.coco_annotations).resolve())}
 
 
@@ -160,6 +164,10 @@ def prepare(options: PrepareOptions, out: str | Path, *, workers: int = 1, progr
             captions = stimuli_lib.load_captions(Path(options.coco_annotations), coco_ids, coco_splits)
             with tqdm(total=len(source_ids), desc="stimuli", unit="image", disable=not progress) as bar:
                 writer.write_stimuli(stimuli_lib.SelectedImages(brick, source_ids, bar), captions, source_ids)
+    if options.coco_instances and not (out / output.OBJECTS).is_file():
+        coco_ids, coco_splits = info.coco_images(source_ids)
+        save_json(out / output.OBJECTS, objects_lib.load_objects(Path(options.coco_annotations), coco_ids,
+                                                                 coco_splits, info.crop_box[source_ids]), indent=None)
 
     subjects = {}
     with _session_runner(workers) as run:
@@ -172,7 +180,7 @@ def prepare(options: PrepareOptions, out: str | Path, *, workers: int = 1, progr
     writer.write_split(np.flatnonzero(~is_test), np.flatnonzero(is_test), rule)
 
     files = output.dataset_files({name: [session_name(k) for k in range(1, options.sessions + 1)]
-                                  for name in subjects})
+                                  for name in subjects}, options.coco_instances)
     summary = _summary(out, options, subjects, files, image_shape, is_test, rule)
     save_json(out / output.SUMMARY, summary)
     output.write_checksums(out, [*files, output.SUMMARY], progress)
