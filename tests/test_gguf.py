@@ -6,6 +6,8 @@ head, grouped-query attention and the Q8_0 / Q4_1 / F16 / F32 storage types.
 """
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -197,3 +199,19 @@ def test_gguf_loading_is_strict(tiny, tmp_path):
         LlamaForCausalLM.from_pretrained(folder / "qwen.gguf")
     with pytest.raises(ValueError, match=r"holds several GGUF files \(broken.gguf, qwen.gguf\); choose one"):
         LlamaForCausalLM.from_pretrained(folder)
+
+
+def test_gguf_model_and_tokenizer_load_without_torch(tiny, tmp_path, smollm_folder):
+    """torch is a test-only dependency; transformers' own GGUF reader imports it, ours must not."""
+    write_gguf(tmp_path / "tiny.gguf", tiny)
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"  # any import of torch now raises
+        "from nvl_jax.models.llama import LlamaForCausalLM, load_tokenizer\n"
+        f"model = LlamaForCausalLM.from_pretrained({str(tmp_path / 'tiny.gguf')!r})\n"
+        f"tokenizer = load_tokenizer({str(smollm_folder / SMOLLM)!r})\n"
+        "print(model.config.num_layers, tokenizer('Hello world').input_ids)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "2 [19556, 905]"
