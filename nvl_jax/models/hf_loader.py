@@ -1,4 +1,4 @@
-"""Loads Hugging Face safetensors checkpoints into NNX modules, one tensor at a time.
+"""Loads Hugging Face safetensors checkpoints (or GGUF files) into NNX modules, one tensor at a time.
 
 Every model declares a :class:`KeyMap`: an ordered table of
 ``(checkpoint-key regex, NNX path template, transform)`` rows, plus regexes of
@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 import re
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -150,9 +151,22 @@ def checkpoint_files(folder: Path) -> list[SafetensorsFile]:
         "`python -m nvl_jax.models.convert_to_safetensors SRC DST`.")
 
 
+class TensorFile(Protocol):
+    """A checkpoint file the loader reads: ``SafetensorsFile`` or ``gguf_io.GGUFFile``.
+
+    ``tensors`` maps each key to an info with ``name``, ``shape``, ``dtype`` and
+    ``nbytes`` (as ``read`` returns it); ``read(key)`` returns a fresh numpy array.
+    """
+
+    path: Path
+    tensors: dict
+
+    def read(self, key: str) -> np.ndarray: ...
+
+
 @dataclasses.dataclass
 class _Placement:
-    file: SafetensorsFile
+    file: TensorFile
     info: TensorInfo
     transform: Transform | None
 
@@ -163,7 +177,7 @@ def _transformed_shape(info: TensorInfo, transform: Transform | None) -> tuple[i
     return jax.eval_shape(transform, jax.ShapeDtypeStruct(info.shape, info.dtype)).shape
 
 
-def _plan(files: Sequence[SafetensorsFile], targets: dict, key_map: KeyMap, folder: Path, model_name: str):
+def _plan(files: Sequence[TensorFile], targets: dict, key_map: KeyMap, folder: Path, model_name: str):
     """Maps every checkpoint tensor to its NNX variable; raises one error listing every problem."""
     plan: dict[str, _Placement] = {}
     unused, wrong_shape, mismatched = [], [], set()
@@ -205,15 +219,18 @@ def load_weights(
     folder: Path,
     key_map: KeyMap,
     *,
+    files: Sequence[TensorFile] | None = None,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
 ) -> nnx.Module:
     """Fills an abstract model (from ``nnx.eval_shape``) with a checkpoint's tensors.
 
-    Each tensor is cast to its variable's dtype (the dtype the model was built
-    with) and placed onto that variable's sharding on ``mesh`` (one device if None).
+    The tensors are ``folder``'s safetensors unless ``files`` are given (a
+    :class:`~nvl_jax.models.gguf_io.GGUFFile`, say). Each tensor is cast to its
+    variable's dtype (the dtype the model was built with) and placed onto that
+    variable's sharding on ``mesh`` (one device if None).
     """
-    files = checkpoint_files(folder)
+    files = checkpoint_files(folder) if files is None else files
     graphdef, abstract_state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(abstract_state))
     targets = {".".join(map(str, path)): var for path, var in flat}
@@ -250,8 +267,9 @@ def from_pretrained(
     folder: Path,
     key_map: KeyMap,
     *,
+    files: Sequence[TensorFile] | None = None,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
 ) -> nnx.Module:
-    """Builds ``build()`` abstractly and loads ``folder``'s weights into it."""
-    return load_weights(nnx.eval_shape(build), folder, key_map, mesh=mesh, rules=rules)
+    """Builds ``build()`` abstractly and loads ``folder``'s weights (or ``files``') into it."""
+    return load_weights(nnx.eval_shape(build), folder, key_map, files=files, mesh=mesh, rules=rules)

@@ -210,9 +210,17 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.n
     return ids, mask
 
 
+def _as_batch(name: str, array, dims: int) -> np.ndarray | jax.Array:
+    """A jax array as is, anything else (numpy, a torch tensor, nested lists) through numpy; checks its rank."""
+    array = array if isinstance(array, jax.Array) else np.asarray(array)
+    if array.ndim != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(array.shape)}")
+    return array
+
+
 def generate(
     model,
-    prompts: Sequence[Sequence[int]] | None = None,
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
     *,
     input_ids: jax.Array | None = None,
     inputs_embeds: jax.Array | None = None,
@@ -229,9 +237,11 @@ def generate(
     """Continues a batch of prompts with a ``LlamaForCausalLM``-like model.
 
     Give exactly one of: ``prompts`` (token-id lists of any lengths),
-    ``input_ids [batch, L]`` or ``inputs_embeds [batch, L, hidden]`` (e.g. text
-    with brain tokens merged in), the last two with an optional
-    ``attention_mask [batch, L]`` (1 = real token, any padding layout).
+    ``input_ids [batch, L]`` (an integer array, numpy or jax; also accepted
+    in place of ``prompts``, as transformers users pass it) or
+    ``inputs_embeds [batch, L, hidden]`` (e.g. text with brain tokens merged
+    in), the last two with an optional ``attention_mask [batch, L]`` (1 = real
+    token, 0 = padding, left or right or anywhere).
     eos_token_id: one id or several; None takes the config's, ``()`` stops
     only at ``max_new_tokens``. pad_token_id defaults to the config's, else the
     first EOS id, else 0. temperature 0 is greedy; otherwise tokens are sampled
@@ -240,8 +250,14 @@ def generate(
     limit recompilation; whether all rows are done is checked every
     ``check_every`` tokens.
     """
+    if prompts is not None and not isinstance(prompts, Sequence):
+        if input_ids is not None:
+            raise ValueError("pass exactly one of prompts, input_ids and inputs_embeds")
+        prompts, input_ids = None, prompts
     if sum(x is not None for x in (prompts, input_ids, inputs_embeds)) != 1:
         raise ValueError("pass exactly one of prompts, input_ids and inputs_embeds")
+    if prompts is not None and attention_mask is not None:
+        raise ValueError("attention_mask goes with input_ids or inputs_embeds; token-id lists are padded here")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     cfg = model.config
@@ -255,9 +271,21 @@ def generate(
     if prompts is not None:
         inputs, attention_mask = _left_pad(prompts, config.pad_token_id)
     else:
-        inputs = input_ids if input_ids is not None else inputs_embeds
+        if input_ids is not None:
+            inputs = _as_batch("input_ids", input_ids, 2)
+            if not jnp.issubdtype(inputs.dtype, jnp.integer):
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {inputs.dtype}")
+        else:
+            inputs = _as_batch("inputs_embeds", inputs_embeds, 3)
         if attention_mask is None:
             attention_mask = np.ones(inputs.shape[:2], np.int32)
+        attention_mask = _as_batch("attention_mask", attention_mask, 2)
+        if attention_mask.shape != inputs.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs "
+                             f"[batch, L] = {tuple(inputs.shape[:2])}")
+        empty = np.flatnonzero(~np.asarray(attention_mask).astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"attention_mask rows {empty.tolist()} have no tokens (all 0)")
     length = _round_up(inputs.shape[1], bucket)
     extra = length - inputs.shape[1]
     inputs = jnp.pad(jnp.asarray(inputs), [(0, 0), (extra, 0)] + [(0, 0)] * (inputs.ndim - 2))

@@ -21,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 from nvl_jax import sharding as sharding_lib
-from nvl_jax.models import hf_loader
+from nvl_jax.models import gguf_io, hf_loader
 from nvl_jax.models.llama import generation
 from nvl_jax.models.layers import Dense, Embed, RMSNorm, activation
-from nvl_jax.models.llama.params import key_map
+from nvl_jax.models.llama.params import gguf_key_map, key_map
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -120,6 +120,53 @@ class LlamaConfig:
             attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
             hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id", 1),
             eos_token_ids=_token_ids(eos), pad_token_id=d.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_gguf(cls, file: gguf_io.GGUFFile) -> LlamaConfig:
+        """From a llama.cpp GGUF's metadata (``llama.*`` and ``tokenizer.ggml.*``) and tensor names.
+
+        Absent optional keys take llama.cpp's defaults. The model is tied when the
+        file has no ``output.weight``; its EOS ids are every end-of-generation id the
+        file names (eos, and eot / eom where Llama-3 files add them).
+        """
+        arch = file.value("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{file.path}: general.architecture is {arch!r}; LlamaForCausalLM loads 'llama' GGUFs")
+        hidden, heads = file.value("llama.embedding_length"), file.value("llama.attention.head_count")
+        head_dim = file.value("llama.attention.key_length", hidden // heads)
+        rope_dims = file.value("llama.rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise ValueError(f"{file.path}: llama.rope.dimension_count is {rope_dims} but heads are {head_dim} wide; "
+                             "partial rotary embeddings are not supported")
+        if "rope_freqs.weight" in file.tensors:
+            # Llama-3.1's scaled frequencies, which llama.cpp stores as a tensor of per-frequency divisors.
+            raise ValueError(f"{file.path}: holds rope_freqs.weight (scaled rotary frequencies), which is not "
+                             "supported; load the model's safetensors checkpoint instead")
+        theta = float(file.value("llama.rope.freq_base", 10000.0))
+        scaling = file.value("llama.rope.scaling.type", "none")
+        if scaling == "none":
+            rope = RopeConfig(theta=theta)
+        elif scaling == "linear":
+            rope = RopeConfig(type="linear", theta=theta, factor=float(file.value("llama.rope.scaling.factor")))
+        else:
+            raise ValueError(f"{file.path}: llama.rope.scaling.type {scaling!r} is not supported; "
+                             "supported: none, linear")
+        vocab = file.value("llama.vocab_size", None)
+        if vocab is None:
+            vocab = len(file.value("tokenizer.ggml.tokens"))
+        eos = [file.value(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
+        return cls(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=file.value("llama.feed_forward_length"),
+            num_layers=file.value("llama.block_count"), num_heads=heads,
+            num_kv_heads=file.value("llama.attention.head_count_kv", heads), head_dim=head_dim,
+            rms_norm_eps=file.value("llama.attention.layer_norm_rms_epsilon"), rope=rope,
+            max_position_embeddings=file.value("llama.context_length"),
+            tie_word_embeddings="output.weight" not in file.tensors,
+            attention_bias="blk.0.attn_q.bias" in file.tensors, mlp_bias="blk.0.ffn_up.bias" in file.tensors,
+            bos_token_id=file.value("tokenizer.ggml.bos_token_id", None),
+            eos_token_ids=_token_ids([i for i in eos if i is not None]),
+            pad_token_id=file.value("tokenizer.ggml.padding_token_id", None),
         )
 
     @classmethod
@@ -346,19 +393,29 @@ class LlamaForCausalLM(nnx.Module):
         return CausalLMOutput(logits=self.logits(kept), hidden_states=hidden if output_hidden_states else None,
                               cache=cache)
 
-    def generate(self, prompts: list[list[int]] | None = None, **kwargs: Any) -> generation.GenerationOutput:
-        """Samples continuations; see :func:`nvl_jax.models.generation.generate` for the arguments."""
+    def generate(self, prompts: list[list[int]] | np.ndarray | jax.Array | None = None,
+                 **kwargs: Any) -> generation.GenerationOutput:
+        """Samples continuations of token-id lists or a ``[batch, L]`` id array (with ``attention_mask=``);
+        see :func:`nvl_jax.models.llama.generation.generate` for the arguments."""
         return generation.generate(self, prompts, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_name, *, subfolder: str | None = None, dtype=jnp.float32, mesh=None,
+    def from_pretrained(cls, path_or_name, *, gguf_file: str | None = None, subfolder: str | None = None,
+                        dtype=jnp.float32, mesh=None,
                         rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> LlamaForCausalLM:
-        """Loads a Hugging Face Llama checkpoint (safetensors, single file or sharded).
+        """Loads a Llama checkpoint: Hugging Face safetensors (single file or sharded) or a llama.cpp GGUF.
 
+        A GGUF is a ``.gguf`` path, a folder holding one (and no config.json), or
+        ``folder`` with ``gguf_file=name`` as in transformers; its tensors are
+        dequantized to float32 (then cast to ``dtype``) and its config is read
+        from its metadata (:meth:`LlamaConfig.from_gguf`).
         The end-of-sequence ids of ``generation_config.json`` join those of
         ``config.json``: Meta-Llama-3-8B-Instruct's config.json names only
         <|eot_id|>, its generation config adds <|end_of_text|>.
         """
+        gguf_path = gguf_io.locate(path_or_name, gguf_file, subfolder)
+        if gguf_path is not None:
+            return cls.from_gguf(gguf_io.GGUFFile(gguf_path), dtype=dtype, mesh=mesh, rules=rules)
         folder = hf_loader.resolve(path_or_name, subfolder)
         config = LlamaConfig.from_hf_config(hf_loader.read_config(folder))
         if (folder / "generation_config.json").exists():
@@ -366,3 +423,13 @@ class LlamaForCausalLM(nnx.Module):
             config = dataclasses.replace(config, eos_token_ids=_token_ids([*config.eos_token_ids, *_token_ids(extra)]))
         return hf_loader.from_pretrained(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)), folder,
                                          key_map(config.tie_word_embeddings), mesh=mesh, rules=rules)
+
+    @classmethod
+    def from_gguf(cls, file: gguf_io.GGUFFile, *, dtype=jnp.float32, mesh=None,
+                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> LlamaForCausalLM:
+        """Loads an opened GGUF (which :func:`nvl_jax.models.llama.tokenizer.tokenizer_from_gguf` can share)."""
+        config = LlamaConfig.from_gguf(file)
+        return hf_loader.from_pretrained(
+            lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)), file.path.parent,
+            gguf_key_map(config.num_heads, config.num_kv_heads, config.tie_word_embeddings),
+            files=[file], mesh=mesh, rules=rules)
