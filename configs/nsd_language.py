@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
     config.eval.max_new_tokens = 48
+    config.eval.limit = 0  # caption only the first N test records of each mode (0 = all)
 
     config.mesh_shape = (1, -1, 1)  # FSDP over every device
     config.sharding_rules = sharding.DEFAULT_RULES

@@ -8,9 +8,6 @@ instruction greedily. Each line of the output: ``{"stimulus", "subject", "mode",
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-2 (brain-language) run folder", required=True)
@@ -22,32 +19,14 @@ _LIMIT = flags.DEFINE_integer("limit", None, "caption only the first N records o
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "default: the run's eval.max_new_tokens")
 
 
-def caption_run(workdir: str | Path, *, split: str = "test", task_kind: str = "brief", out: str | Path | None = None,
-                limit: int | None = None, max_new_tokens: int | None = None) -> Path:
-    """Writes the captions of ``workdir``'s newest checkpoint; returns the output path."""
-    from nvl_jax.data import pipeline
-    from nvl_jax.evaluation import brain_captions
-    from nvl_jax.training import loop
-
-    task, model, step = loop.restore_model(workdir)
-    if task.config.task != "stage2":
-        raise ValueError(f"{workdir}: a {task.config.task!r} run; captions need a stage-2 (brain-language) run")
-    out = Path(out) if out else Path(workdir) / f"captions_{split}_{task_kind}.jsonl"
-    rows = [row for mode in pipeline.TEST_MODES
-            for row in brain_captions.generate(task, model, mode, task_kind, split=split, limit=limit,
-                                               max_new_tokens=max_new_tokens)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"step {step}: {len(rows)} captions -> {out}")
-    return out
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    caption_run(_WORKDIR.value, split=_SPLIT.value, task_kind=_TASK.value, out=_OUT.value, limit=_LIMIT.value,
+    from nvl_jax.evaluation import brain_captions
+
+    brain_captions.caption_run(_WORKDIR.value, split=_SPLIT.value, task_kind=_TASK.value, out=_OUT.value, limit=_LIMIT.value,
                 max_new_tokens=_MAX_NEW_TOKENS.value)
 
 

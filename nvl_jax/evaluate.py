@@ -7,8 +7,6 @@ runs the task's evaluation (stage 1: the test split in multi-trial and single-tr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder (python -m nvl_jax.train --workdir)",
@@ -16,22 +14,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder (pyth
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the newest)")
 
 
-def evaluate_run(workdir: str | Path, step: int | None = None) -> dict:
-    """The task's evaluation of ``workdir``'s checkpoint; writes its result files there and returns them."""
-    from nvl_jax.training import loop
-
-    task, model, step = loop.restore_model(workdir, step)
-    results = task.evaluate(model, Path(workdir))
-    print(f"step {step}:\n{task.describe(results)}")
-    return results
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; the progress bar says enough
         logging.set_verbosity(logging.WARNING)
-    evaluate_run(_WORKDIR.value, _STEP.value)
+    from nvl_jax.training import loop
+
+    loop.evaluate_run(_WORKDIR.value, _STEP.value)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from nvl_jax import evaluate, sharding
+from nvl_jax import sharding
 from nvl_jax.configs import demo, nsd
 from nvl_jax.training import experiment as experiment_lib
 from nvl_jax.training import loop, run_config, steps, tasks
@@ -149,7 +149,7 @@ def test_killed_run_resumes_exactly(tiny_nsd, tmp_path, monkeypatch):
     assert [line["loss"] for line in lines] == [line["loss"] for line in reference]
 
     # python -m nvl_jax.evaluate on the finished run restores the final checkpoint and finds what training did.
-    assert evaluate.evaluate_run(tmp_path / "killed") == evaluation
+    assert loop.evaluate_run(tmp_path / "killed") == evaluation
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_nsd, tmp_path):
@@ -173,7 +173,7 @@ def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(
     first = loop.train(config, tmp_path)
     saved = run_config.load(tmp_path)
     assert saved.model.depth == 1 and saved.data.root == str(pathlib.Path(tiny_nsd).absolute())
-    assert evaluate.evaluate_run(tmp_path) == first  # --workdir alone
+    assert loop.evaluate_run(tmp_path) == first  # --workdir alone
 
     changed = tiny_config(tiny_nsd)
     changed.total_steps = 3
@@ -187,7 +187,7 @@ def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(
 
 def test_evaluate_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: missing"):
-        evaluate.evaluate_run(tmp_path)
+        loop.evaluate_run(tmp_path)
 
 
 def test_bad_mesh_or_batch_fails_before_the_first_step_naming_the_fields():

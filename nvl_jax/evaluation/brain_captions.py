@@ -154,9 +154,10 @@ def evaluate(task, model, workdir: Path) -> dict:
     scene_objects = _scene_objects(dataset)
     prior = prior_caption(dataset)
     results, lines = {}, []
+    limit = task.config.eval.limit or None
     for mode in pipeline.TEST_MODES:
-        brain = generate(task, model, mode)
-        shuffled = generate(task, model, mode, shuffled=True)
+        brain = generate(task, model, mode, limit=limit)
+        shuffled = generate(task, model, mode, shuffled=True, limit=limit)
         lines += brain
         results[mode] = {"brain": metrics(dataset, brain, scene_objects),
                          "shuffled": metrics(dataset, shuffled, scene_objects),
@@ -165,3 +166,21 @@ def evaluate(task, model, workdir: Path) -> dict:
         with open(workdir / "captions_test_brief.jsonl", "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
     return results
+
+
+def caption_run(workdir: str | Path, *, split: str = "test", task_kind: str = "brief", out: str | Path | None = None,
+                limit: int | None = None, max_new_tokens: int | None = None) -> Path:
+    """Writes the captions of ``workdir``'s newest checkpoint; returns the output path."""
+    from nvl_jax.training import loop
+
+    task, model, step = loop.restore_model(workdir)
+    if task.config.task != "stage2":
+        raise ValueError(f"{workdir}: a {task.config.task!r} run; captions need a stage-2 (brain-language) run")
+    out = Path(out) if out else Path(workdir) / f"captions_{split}_{task_kind}.jsonl"
+    rows = [row for mode in pipeline.TEST_MODES
+            for row in generate(task, model, mode, task_kind, split=split, limit=limit,
+                                               max_new_tokens=max_new_tokens)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"step {step}: {len(rows)} captions -> {out}")
+    return out

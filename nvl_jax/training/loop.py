@@ -105,6 +105,15 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: jax.shardi
     return task, layout.merge(params, frozen), step
 
 
+def evaluate_run(workdir: str | Path, step: int | None = None) -> dict:
+    """The task's evaluation of ``workdir``'s checkpoint (``python -m nvl_jax.evaluate``): writes its result
+    files into the run folder, prints the headline figures and returns them."""
+    task, model, step = restore_model(workdir, step)
+    results = task.evaluate(model, Path(workdir))
+    print(f"step {step}:\n{task.describe(results)}")
+    return results
+
+
 def _nan_message(step: int, loss: float, checkpointer: Checkpointer) -> str:
     return (f"step {step}: loss is {loss}; training stopped. The last good checkpoint "
             f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept; lower the learning rate "

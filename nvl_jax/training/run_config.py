@@ -21,7 +21,7 @@ FILENAME = "config.json"
 
 # Fields a resumed run may change: none alters a shape, the data or the task.
 MAY_CHANGE = ("total_steps", "epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-              "data.worker_count", "eval.batch_size")
+              "data.worker_count", "eval.batch_size", "eval.limit", "eval.max_new_tokens")
 
 
 class ConfigMismatchError(ValueError):

@@ -123,6 +123,23 @@ class LlamaConfig:
         )
 
     @classmethod
+    def from_pretrained(cls, path_or_name, *, gguf_file: str | None = None,
+                        subfolder: str | None = None) -> LlamaConfig:
+        """The config of what ``LlamaForCausalLM.from_pretrained`` loads from the same arguments, read
+        without the weights. The end-of-sequence ids of ``generation_config.json`` join those of
+        ``config.json``: Meta-Llama-3-8B-Instruct's config.json names only <|eot_id|>, its
+        generation config adds <|end_of_text|>."""
+        gguf_path = gguf_io.locate(path_or_name, gguf_file, subfolder)
+        if gguf_path is not None:
+            return cls.from_gguf(gguf_io.GGUFFile(gguf_path))
+        folder = hf_loader.resolve(path_or_name, subfolder)
+        config = cls.from_hf_config(hf_loader.read_config(folder))
+        if (folder / "generation_config.json").exists():
+            extra = hf_loader.read_config(folder, "generation_config.json").get("eos_token_id")
+            config = dataclasses.replace(config, eos_token_ids=_token_ids([*config.eos_token_ids, *_token_ids(extra)]))
+        return config
+
+    @classmethod
     def from_gguf(cls, file: gguf_io.GGUFFile) -> LlamaConfig:
         """From a llama.cpp GGUF's metadata (``llama.*`` and ``tokenizer.ggml.*``) and tensor names.
 
@@ -408,19 +425,14 @@ class LlamaForCausalLM(nnx.Module):
         A GGUF is a ``.gguf`` path, a folder holding one (and no config.json), or
         ``folder`` with ``gguf_file=name`` as in transformers; its tensors are
         dequantized to float32 (then cast to ``dtype``) and its config is read
-        from its metadata (:meth:`LlamaConfig.from_gguf`).
-        The end-of-sequence ids of ``generation_config.json`` join those of
-        ``config.json``: Meta-Llama-3-8B-Instruct's config.json names only
-        <|eot_id|>, its generation config adds <|end_of_text|>.
+        from its metadata (:meth:`LlamaConfig.from_gguf`); a folder's from its config files
+        (:meth:`LlamaConfig.from_pretrained`).
         """
         gguf_path = gguf_io.locate(path_or_name, gguf_file, subfolder)
         if gguf_path is not None:
             return cls.from_gguf(gguf_io.GGUFFile(gguf_path), dtype=dtype, mesh=mesh, rules=rules)
         folder = hf_loader.resolve(path_or_name, subfolder)
-        config = LlamaConfig.from_hf_config(hf_loader.read_config(folder))
-        if (folder / "generation_config.json").exists():
-            extra = hf_loader.read_config(folder, "generation_config.json").get("eos_token_id")
-            config = dataclasses.replace(config, eos_token_ids=_token_ids([*config.eos_token_ids, *_token_ids(extra)]))
+        config = LlamaConfig.from_pretrained(folder)
         return hf_loader.from_pretrained(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)), folder,
                                          key_map(config.tie_word_embeddings), mesh=mesh, rules=rules)
 
