@@ -48,6 +48,7 @@ setup(
             "transformers>=5",
             "diffusers>=0.42",
             "pillow",
+            "scikit-learn",  # the reference ridge regression of tests/test_decodability.py
             "pytest",
             "pytest-xdist",
         ],
