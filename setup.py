@@ -54,6 +54,7 @@ setup(
             # dependencies (the llm CLI, llama-cpp-python) would compile llama.cpp from source.
             "accelerate",
             "pillow",
+            "scikit-learn",  # the reference ridge regression of tests/test_decodability.py
             "pytest",
             "pytest-xdist",
             "pycocoevalcap>=1.2",

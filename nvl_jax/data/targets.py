@@ -38,8 +38,8 @@ def tiny_random_models(seed: int = 0) -> tuple[clip.CLIPVisionModel, vae.Autoenc
     follows what is where in the scene, and so does a random tower on a grid
     that coarse, while one on a finer grid follows more pixel detail that no
     voxel encodes. Ridge regression from the in-silico encoding model's own
-    features retrieves 93% of 100 held-out stimuli from this tower's embedding,
-    67% from a 64-wide one on a 7 x 7 grid at 224 pixels (docs/synthetic.md).
+    features retrieves 93% of the demo's 100 test stimuli from this tower's
+    embedding (python -m nvl_jax.data.synthetic.decodability, docs/synthetic.md).
     """
     clip_config = clip.CLIPVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                         num_attention_heads=4, image_size=64, patch_size=16, projection_dim=768)
