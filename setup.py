@@ -32,6 +32,8 @@ setup(
         # The MNI152 grey-matter template (in-silico masks) and brain plots.
         "nilearn>=0.11",
         "scipy",
+        # CLIP preprocessing resizes with Pillow's bicubic, as transformers does.
+        "pillow",
         "matplotlib",
         "tensorboardX",
         "tqdm",
@@ -44,7 +46,6 @@ setup(
             "torch==2.13.0",
             "transformers>=5",
             "diffusers>=0.42",
-            "pillow",
             "pytest",
             "pytest-xdist",
         ],
