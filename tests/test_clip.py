@@ -1,4 +1,5 @@
-"""CLIP towers against transformers' CLIPVisionModelWithProjection / CLIPTextModelWithProjection."""
+"""CLIP towers against transformers' CLIPVisionModelWithProjection / CLIPTextModelWithProjection;
+gradients with and without the shared layers' hand-written backward passes."""
 
 import dataclasses
 import json
@@ -13,7 +14,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nvl_jax import sharding
-from nvl_jax.models import clip
+from nvl_jax.models import clip, layers
+from nvl_jax.models.clip import params as clip_params
 
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, projection_dim=16)
@@ -86,6 +88,42 @@ def test_vision_matches_transformers(vision, batch):
     assert len(ours.hidden_states) == len(theirs.hidden_states) == VISION["num_hidden_layers"] + 1
     for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
         _close(a, b, f"hidden_states[{i}]")
+
+
+@pytest.fixture(params=["on", "off"])
+def custom_backward(request):
+    previous = layers.set_custom_backward(request.param)
+    yield request.param
+    layers.set_custom_backward(previous)
+
+
+@nnx.jit
+def vision_value_and_grad(model, pixels, cotangent):
+    def loss(model, pixels):
+        return jnp.sum(model(pixels).image_embeds * cotangent)
+    return nnx.value_and_grad(loss, argnums=(0, 1))(model, pixels)
+
+
+def test_vision_gradients_match_transformers(vision, custom_backward):
+    """Gradients of a random projection of image_embeds, for every weight (mapped through the
+    checkpoint key table) and for the pixels."""
+    reference, model, _ = vision
+    pixels = _pixels(2, seed=5)
+    cotangent = np.random.default_rng(6).standard_normal((2, VISION["projection_dim"])).astype(np.float32)
+    loss, (grads, pixel_grad) = vision_value_and_grad(model, pixels, cotangent)
+    torch_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).requires_grad_()
+    reference.zero_grad()
+    theirs = (reference(torch_pixels).image_embeds * torch.from_numpy(cotangent)).sum()
+    theirs.backward()
+    np.testing.assert_allclose(float(loss), theirs.item(), atol=TOLERANCE)
+    _close(pixel_grad, torch_pixels.grad.permute(0, 2, 3, 1), "d pixels")
+    ours = {".".join(map(str, path)): np.asarray(g[...]) for path, g in nnx.to_flat_state(grads)}
+    for name, param in reference.named_parameters():
+        path, transform = clip_params.VISION_KEY_MAP.target(name)
+        expected = param.grad.numpy()
+        np.testing.assert_allclose(ours.pop(path), transform(expected) if transform else expected,
+                                   atol=TOLERANCE, rtol=1e-4, err_msg=name)
+    assert not ours, f"gradients without a transformers parameter: {sorted(ours)}"
 
 
 @pytest.mark.parametrize("batch,length,masked", [(2, 7, False), (3, 16, True)])

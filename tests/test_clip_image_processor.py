@@ -1,8 +1,8 @@
 """CLIP preprocessing against transformers' PIL-based ``CLIPImageProcessor``, bit for bit.
 
 Without torchvision, transformers' ``CLIPImageProcessor()`` is ``CLIPImageProcessorPil``,
-the reference here. Random uint8 noise is the hardest input for a resampler:
-every fixed-point rounding shows.
+the reference here. Random uint8 noise is the hardest input for a resampler and a
+normalizer: every rounding difference shows.
 """
 
 import numpy as np
@@ -20,6 +20,7 @@ SIZES = {
     "portrait": (500, 333),
     # Taller than 2:1: Pillow >= 13 runs the vertical pass first.
     "tall_portrait": (1000, 250),
+    "wide_landscape": (250, 1000),
     "upsample": (64, 64),
     "tiny_upsample": (20, 30),
     "odd": (97, 131),
@@ -49,15 +50,23 @@ def test_matches_transformers_exactly(reference, height, width):
     np.testing.assert_array_equal(ours, _reference(reference, image))
 
 
-def test_resize_matches_pillow_at_random_sizes():
-    """Up, down and mixed scalings on both axes, each in both pass orders' territory."""
+def test_matches_transformers_at_random_sizes_and_settings():
+    """Random image sizes, short sides and crops: up- and down-scaling, crops larger than the image."""
     rng = np.random.default_rng(0)
-    for _ in range(60):
-        height, width, out_height, out_width = (int(v) for v in rng.integers(3, 300, 4))
+    for _ in range(20):
+        height, width, size, crop_height, crop_width = (int(v) for v in rng.integers(3, 300, 5))
+        reference = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                          crop_size={"height": crop_height, "width": crop_width})
+        ours = cip.CLIPImageProcessor(size=size, crop_size=(crop_height, crop_width))
         image = _image(rng, height, width)
-        expected = np.asarray(Image.fromarray(image).resize((out_width, out_height), Image.BICUBIC))
-        np.testing.assert_array_equal(cip.resize_bicubic(image, out_height, out_width), expected,
-                                      err_msg=f"{height}x{width} -> {out_height}x{out_width}")
+        np.testing.assert_array_equal(ours(image), _reference(reference, image),
+                                      err_msg=f"{height}x{width}, size {size}, crop {crop_height}x{crop_width}")
+
+
+def test_resize_is_pillows_bicubic():
+    image = _image(np.random.default_rng(3), 91, 57)
+    expected = np.asarray(Image.fromarray(image).resize((40, 130), Image.Resampling.BICUBIC, reducing_gap=None))
+    np.testing.assert_array_equal(cip.resize_bicubic(image, 130, 40), expected)
 
 
 def test_batch_array_and_list_of_sizes(reference):

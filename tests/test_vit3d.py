@@ -1,4 +1,5 @@
-"""ViT3D + alignment heads: PyTorch parity (forward and gradients), coordinates, dtypes, mesh, benchmark."""
+"""ViT3D + alignment heads: parity with the PyTorch twin (forward and gradients, with and without the
+hand-written backward passes), dropout, forward mode, coordinates, dtypes, mesh, benchmark."""
 
 import dataclasses
 import json
@@ -16,7 +17,7 @@ from flax import nnx
 
 from nvl_jax import sharding
 from nvl_jax.bench import train_step, vit3d_torch
-from nvl_jax.models import vit3d
+from nvl_jax.models import layers, vit3d
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = vit3d.ViT3DConfig.tiny()
@@ -52,18 +53,22 @@ def value_and_grad(model, batch):
     return nnx.value_and_grad(loss_of)(model, batch)
 
 
-@pytest.fixture(scope="module")
-def models():
-    """Our tiny model (seeded) and the PyTorch twin holding the same weights."""
-    torch.manual_seed(0)
-    ours = vit3d.BrainEncoder(CONFIG, rngs=nnx.Rngs(1))
-    return ours, vit3d_torch.load_from_nnx(vit3d_torch.BrainEncoder(CONFIG), ours)
+@pytest.fixture(params=["on", "off"])
+def custom_backward(request):
+    """Each test using it runs with the hand-written backward passes and with plain autodiff."""
+    previous = layers.set_custom_backward(request.param)
+    yield request.param
+    layers.set_custom_backward(previous)
 
 
-@pytest.mark.parametrize("batch_size, n_active", [(3, 7), (2, 12)])
-def test_forward_loss_and_gradients_match_pytorch(models, batch_size, n_active):
-    ours, theirs = models
-    batch = make_batch(CONFIG, batch_size, n_active, seed=n_active)
+def twin_pair(config, seed=1):
+    """Our model (seeded) and the PyTorch twin holding the same weights, in evaluation mode."""
+    ours = vit3d.BrainEncoder(config, rngs=nnx.Rngs(seed))
+    return ours, vit3d_torch.load_from_nnx(vit3d_torch.BrainEncoder(config), ours).eval()
+
+
+def assert_matches_twin(ours, theirs, batch):
+    """Outputs, loss and every parameter's gradient of our model equal those of the twin."""
     output = forward(ours, batch["patches"], batch["coords"])
     t = {k: torch.from_numpy(v) for k, v in batch.items()}
     theirs.zero_grad()
@@ -76,7 +81,6 @@ def test_forward_loss_and_gradients_match_pytorch(models, batch_size, n_active):
 
     our_loss, grads = value_and_grad(ours, batch)
     np.testing.assert_allclose(float(our_loss), loss.item(), atol=1e-5, rtol=0)
-    # The hand-written matmul and attention backward passes against torch autograd.
     torch_params = dict(theirs.named_parameters())
     for path, grad in nnx.to_flat_state(grads):
         name = ".".join(map(str, path[:-1] + (TORCH_NAMES.get(path[-1], path[-1]),)))
@@ -85,7 +89,21 @@ def test_forward_loss_and_gradients_match_pytorch(models, batch_size, n_active):
                                    atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-def test_attention_gradient_matches_autodiff_of_the_reference():
+@pytest.mark.parametrize("batch_size, n_active", [(3, 7), (2, 12)])
+def test_forward_loss_and_gradients_match_the_twin(custom_backward, batch_size, n_active):
+    # The hand-written matmul, LayerNorm and attention backward passes, or autodiff, against torch autograd.
+    assert_matches_twin(*twin_pair(CONFIG), make_batch(CONFIG, batch_size, n_active, seed=n_active))
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu_pytorch_tanh", "silu", "relu"])
+def test_config_knobs_match_the_twin(hidden_act):
+    """Each activation and a non-default epsilon; dropout configured, but off in evaluation on both sides."""
+    config = dataclasses.replace(CONFIG, hidden_act=hidden_act, layer_norm_eps=1e-2, dropout=0.2,
+                                 attention_dropout=0.2)
+    assert_matches_twin(*twin_pair(config), make_batch(config, 2, 9, seed=9))
+
+
+def test_attention_matches_jax_dot_product_attention(custom_backward):
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 4, 9, 8))
 
     def ours(q, k, v):
@@ -104,6 +122,28 @@ def test_attention_gradient_matches_autodiff_of_the_reference():
 
     (out, grads), (ref_out, ref_grads) = value_and_vjp(q, k, v)
     np.testing.assert_allclose(out, ref_out, atol=1e-6)
+    for mine, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(mine, ref, atol=1e-5)
+
+
+def test_attention_dropout_gradients_match_autodiff(custom_backward):
+    """With a dropout mask on the probabilities, value and gradients (q, k, v and the mask) equal
+    autodiff of softmax -> mask -> weighted sum."""
+    qkv = jax.random.normal(jax.random.key(2), (3, 2, 4, 9, 8))
+    keep = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 4, 9, 9)) / 0.7
+    cotangent = jax.random.normal(jax.random.key(4), (2, 4, 9, 8))
+
+    def reference(qkv, keep):
+        q, k, v = qkv
+        return jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(jnp.einsum("bnth,bnsh->bnts", q, k)) * keep, v)
+
+    @jax.jit
+    def value_and_vjp(qkv, keep):
+        outs = [jax.vjp(f, qkv, keep) for f in (vit3d.attention, reference)]
+        return [(out, vjp(cotangent)) for out, vjp in outs]
+
+    (out, grads), (ref_out, ref_grads) = value_and_vjp(qkv, keep)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
     for mine, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(mine, ref, atol=1e-5)
 
@@ -159,17 +199,76 @@ def test_hidden_states_are_each_layers_output():
     assert forward(model, batch["patches"], batch["coords"]).hidden_states is None
 
 
-def test_dropout_runs_only_with_rngs():
-    config = dataclasses.replace(CONFIG, dropout=0.5)
+@nnx.jit
+def train_forward(model, patches, coords, rngs):
+    return model(patches, coords, rngs=rngs).clip_embedding
+
+
+@pytest.mark.parametrize("rates", [dict(dropout=0.3), dict(attention_dropout=0.3),
+                                   dict(dropout=0.3, attention_dropout=0.3)], ids=["hidden", "attention", "both"])
+def test_dropout_runs_in_training_only(rates):
+    config = dataclasses.replace(CONFIG, **rates)
     model = vit3d.BrainEncoder(config)
     batch = make_batch(config, 2, 5, seed=6)
     args = jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"])
-    plain = vit3d.BrainEncoder(CONFIG)(*args).clip_embedding  # same seed, same weights, no dropout
-    np.testing.assert_allclose(model(*args).clip_embedding, plain, atol=1e-6)
-    train_a = model(*args, rngs=nnx.Rngs(dropout=1)).clip_embedding
-    train_b = model(*args, rngs=nnx.Rngs(dropout=1)).clip_embedding
-    np.testing.assert_array_equal(train_a, train_b)
+    # Evaluation (no rngs): deterministic, and the network without dropout (same seed, same weights).
+    plain = forward(vit3d.BrainEncoder(CONFIG), *args).clip_embedding
+    np.testing.assert_array_equal(forward(model, *args).clip_embedding, plain)
+    np.testing.assert_array_equal(forward(model, *args).clip_embedding, plain)
+    # Training: each call draws new masks from the stream; the same seed draws the same ones.
+    rngs = nnx.Rngs(dropout=1)
+    train_a, train_b = train_forward(model, *args, rngs), train_forward(model, *args, rngs)
+    assert np.abs(np.asarray(train_a - train_b)).max() > 1e-3
     assert np.abs(np.asarray(train_a - plain)).max() > 1e-3
+    np.testing.assert_array_equal(train_forward(model, *args, nnx.Rngs(dropout=1)), train_a)
+
+
+def test_training_gradients_agree_across_backward_passes():
+    """Dropout on: the hand-written passes and autodiff see the same masks and give the same gradients."""
+    config = dataclasses.replace(CONFIG, dropout=0.2, attention_dropout=0.2)
+    model = vit3d.BrainEncoder(config)
+    batch = make_batch(config, 2, 7, seed=10)
+
+    @nnx.jit
+    def train_value_and_grad(model, batch, rngs):
+        # rngs enters as an argument: a stream is advanced inside the differentiated function.
+        def loss(model, rngs):
+            output = model(jnp.asarray(batch["patches"]), jnp.asarray(batch["coords"]), rngs=rngs)
+            return vit3d.dual_stream_loss(output, batch["clip_target"], batch["vae_target"])[0]
+        return nnx.value_and_grad(loss)(model, rngs)
+
+    results = {}
+    for mode in ("on", "off"):
+        previous = layers.set_custom_backward(mode)
+        try:
+            results[mode] = train_value_and_grad(model, batch, nnx.Rngs(dropout=3))
+        finally:
+            layers.set_custom_backward(previous)
+    (loss_on, grads_on), (loss_off, grads_off) = results["on"], results["off"]
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+    for (path, g_on), (_, g_off) in zip(nnx.to_flat_state(grads_on), nnx.to_flat_state(grads_off), strict=True):
+        np.testing.assert_allclose(g_on[...], g_off[...], atol=1e-5, rtol=1e-5, err_msg=".".join(map(str, path)))
+
+
+def test_forward_mode_differentiation_without_the_hand_written_passes():
+    """jax.jvp of the loss along a random parameter direction equals the gradient's dot product with it."""
+    model = vit3d.BrainEncoder(CONFIG)
+    batch = make_batch(CONFIG, 2, 6, seed=11)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(5)
+    tangent = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+
+    def loss(params):
+        return loss_of(nnx.merge(graphdef, params), batch)
+
+    previous = layers.set_custom_backward("off")
+    try:
+        _, directional = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(params, tangent)
+        grads = jax.jit(jax.grad(loss))(params)
+    finally:
+        layers.set_custom_backward(previous)
+    expected = sum(np.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent), strict=True))
+    np.testing.assert_allclose(float(directional), expected, rtol=1e-4)
 
 
 def test_dual_stream_loss_is_mse_clip_plus_alpha_mse_vae():

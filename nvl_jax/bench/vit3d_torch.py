@@ -1,9 +1,12 @@
-"""The stage-1 ``BrainEncoder`` in PyTorch: the benchmark's baseline and the parity tests' reference.
+"""The stage-1 ``BrainEncoder`` in PyTorch: the project's own twin of the NNX model, the
+benchmark's baseline and the other side of the parity tests.
 
 Module and parameter names mirror the NNX model (``vit.blocks.0.attn.qkv.weight``
 is ``vit.blocks[0].attn.qkv.kernel`` transposed), so ``load_from_nnx`` copies an
 NNX model's weights in by name. The computation is the same: pre-LayerNorm blocks,
-one fused q/k/v projection, ``scaled_dot_product_attention``, CLS token first.
+one fused q/k/v projection, ``scaled_dot_product_attention``, CLS token first, and
+the same ``ViT3DConfig`` knobs (``hidden_act``, ``layer_norm_eps``, ``dropout`` on the
+embeddings and residual branches, ``attention_dropout`` on the attention probabilities).
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ def _activation(name: str):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, num_heads: int):
+    def __init__(self, width: int, num_heads: int, attention_dropout: float):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.attention_dropout = num_heads, attention_dropout
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -59,7 +62,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         width, eps = config.width, config.layer_norm_eps
         self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = SelfAttention(width, config.num_heads)
+        self.attn = SelfAttention(width, config.num_heads, config.attention_dropout)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, config.mlp_ratio * width, width, config.hidden_act)
         self.dropout = nn.Dropout(config.dropout)

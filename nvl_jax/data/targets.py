@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+import time
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,16 @@ def _jitted(model, fn):
 def compute(dataset: data_format.PreparedDataset, clip_model: clip.CLIPVisionModel,
             vae_model: vae.AutoencoderKL, *, image_size: int, batch_size: int = 16
             ) -> tuple[np.ndarray, np.ndarray]:
-    """``(clip_image_embeds float32 [n_stimuli, proj], vae_latents float32 [n_stimuli, s/8, s/8, 4])``."""
+    """``(clip_image_embeds float32 [n_stimuli, proj], vae_latents float32 [n_stimuli, s/8, s/8, 4])``.
+
+    Prints the speed: stimuli/s over all batches, and over those after the first, which compiles.
+    """
     images = dataset.images()
     clip_size = clip_model.config.image_size  # ViT-L/14: 224, as its CLIPImageProcessor resizes and crops
     embed = _jitted(clip_model, lambda m, x: m(x).image_embeds)
     encode = _jitted(vae_model, lambda m, x: m.scale_latents(m.encode(x).mean))
     clip_out, vae_out = [], []
+    started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc="targets", unit="batch"):
         batch = np.asarray(images[start:start + batch_size])
         n = len(batch)
@@ -73,6 +78,13 @@ def compute(dataset: data_format.PreparedDataset, clip_model: clip.CLIPVisionMod
         pixels = jax.image.resize(jnp.asarray(batch, jnp.float32) / 127.5 - 1.0,
                                   (batch_size, image_size, image_size, 3), method="bicubic")
         vae_out.append(np.asarray(encode(jnp.clip(pixels, -1.0, 1.0)))[:n])
+        if start == 0:
+            first_batch = time.perf_counter()
+    finished = time.perf_counter()
+    rest = len(images) - min(batch_size, len(images))
+    after_first = f", {rest / (finished - first_batch):.1f} after the first batch" if rest else ""
+    print(f"targets: {len(images)} stimuli in {finished - started:.1f} s: {len(images) / (finished - started):.1f} "
+          f"stimuli/s{after_first} (the first batch compiles the models: {first_batch - started:.1f} s)")
     return np.concatenate(clip_out).astype(np.float32), np.concatenate(vae_out).astype(np.float32)
 
 

@@ -3,18 +3,66 @@
 Parameter names follow Flax (``kernel``, ``bias``, ``scale``, ``embedding``);
 the per-model key tables in ``hf_loader`` map PyTorch names onto them. Arrays
 are channels-last: a dense kernel is ``[in, out]``, a conv kernel ``[kh, kw, in, out]``.
+
+``set_custom_backward`` (or ``$NVL_JAX_CUSTOM_BACKWARD``) chooses between the
+hand-written backward passes of ``Dense`` and ``LayerNorm`` and plain autodiff.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+
+# The hand-written backward passes (Dense's matmul, LayerNorm, ViT3D's attention) were
+# measured faster than autodiff on XLA CPU only; on other platforms they are unmeasured,
+# and plain autodiff also allows forward mode (jax.jvp), which a custom_vjp rules out.
+# "auto" takes them on CPU only.
+CUSTOM_BACKWARD_ENV = "NVL_JAX_CUSTOM_BACKWARD"
+CUSTOM_BACKWARD_MODES = ("auto", "on", "off")
+_custom_backward_mode: str | None = None  # None: read CUSTOM_BACKWARD_ENV, default "auto"
+
+
+def _check_mode(mode: str, source: str) -> str:
+    if mode not in CUSTOM_BACKWARD_MODES:
+        raise ValueError(f"{source}={mode!r}; expected one of {CUSTOM_BACKWARD_MODES}")
+    return mode
+
+
+def custom_backward_mode() -> str:
+    """The mode in force: the last ``set_custom_backward``, else ``$NVL_JAX_CUSTOM_BACKWARD``, else "auto"."""
+    if _custom_backward_mode is not None:
+        return _custom_backward_mode
+    return _check_mode(os.environ.get(CUSTOM_BACKWARD_ENV, "auto"), CUSTOM_BACKWARD_ENV)
+
+
+def use_custom_backward() -> bool:
+    """Whether modules traced now take the hand-written backward passes: "on", or "auto" on a CPU backend."""
+    mode = custom_backward_mode()
+    return mode == "on" or (mode == "auto" and jax.default_backend() == "cpu")
+
+
+def set_custom_backward(mode: str | None) -> str | None:
+    """Chooses the backward passes: "auto" (hand-written on CPU, autodiff elsewhere), "on", "off";
+    None goes back to ``$NVL_JAX_CUSTOM_BACKWARD``. Returns the previous setting, for restoring it.
+
+    The choice is read when a function is traced. If it changes what modules use, JAX's
+    in-memory compilation caches are cleared, so that no jitted function keeps the
+    passes it was traced with.
+    """
+    global _custom_backward_mode
+    mode = None if mode is None else _check_mode(mode, "custom_backward")
+    previous, before = _custom_backward_mode, use_custom_backward()
+    _custom_backward_mode = mode
+    if use_custom_backward() != before:
+        jax.clear_caches()
+    return previous
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
@@ -53,8 +101,8 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel + bias``; kernel ``[in_features, out_features]``. The kernel's gradient is one
-    ``x^T g`` matmul over ``[batch * tokens, in]`` (``_matmul``)."""
+    """``y = x @ kernel + bias``; kernel ``[in_features, out_features]``. With ``use_custom_backward()``
+    the kernel's gradient is one ``x^T g`` matmul over ``[batch * tokens, in]`` (``_matmul``)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
                  dtype=jnp.float32, rngs: nnx.Rngs):
@@ -62,7 +110,8 @@ class Dense(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (out_features,), dtype, (axes[-1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _matmul(x, self.kernel[...].astype(x.dtype))
+        kernel = self.kernel[...].astype(x.dtype)
+        y = _matmul(x, kernel) if use_custom_backward() else x @ kernel
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -113,8 +162,8 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis; statistics in float32 whatever the compute dtype; the hand-written
-    backward pass of ``_layer_norm``."""
+    """LayerNorm over the last axis; statistics in float32 whatever the compute dtype. With
+    ``use_custom_backward()`` the hand-written backward pass of ``_layer_norm``, else autodiff."""
 
     def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
@@ -122,7 +171,10 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (features,), dtype, ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_norm(x, self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32), self.eps)
+        scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        if use_custom_backward():
+            return _layer_norm(x, scale, bias, self.eps)
+        return _layer_norm_fwd(x, scale, bias, self.eps)[0]
 
 
 class RMSNorm(nnx.Module):

@@ -19,14 +19,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param
+from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param, use_custom_backward
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViT3DConfig:
-    """Extractor and heads. ``patch_grid``: patches per axis of the padded common grid."""
+    """Extractor and heads. ``patch_grid``: patches per axis of the padded common grid.
+
+    Dropout follows Hugging Face's ViT and CLIP and is active only in training (when the
+    model is called with ``rngs``): ``dropout`` on the embeddings (patch tokens with their
+    positions, and CLS) and on each block's attention and MLP outputs before the residual
+    sum; ``attention_dropout`` on the attention probabilities. ``hidden_act`` names the
+    MLPs' activation (``layers.ACTIVATIONS``), ``layer_norm_eps`` every LayerNorm's epsilon.
+    """
 
     patch_size: int = 14
     patch_grid: tuple[int, int, int] = (6, 8, 6)
@@ -37,6 +44,7 @@ class ViT3DConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     dropout: float = 0.0
+    attention_dropout: float = 0.0
     clip_dim: int = 768
     vae_latent_shape: tuple[int, int, int] = (64, 64, 4)
     head_hidden: int = 1024
@@ -50,8 +58,11 @@ class ViT3DConfig:
                              "must have three entries each")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is not in [0, 1)")
+        if self.layer_norm_eps <= 0.0:
+            raise ValueError(f"layer_norm_eps {self.layer_norm_eps} is not positive")
         activation(self.hidden_act)
 
     @property
@@ -111,61 +122,86 @@ class Stage1Output:
     hidden_states: tuple[jax.Array, ...] | None = None
 
 
-# Softmax attention with a hand-written backward pass. The forward keeps the
-# unnormalized weights exp(s - max) and divides the [T, head_dim] output by the row
-# sums instead of normalizing the [T, T] weights; the backward uses
-# rowsum(P * dP) = rowsum(dO * O), a pass over [T, head_dim] instead of [T, T].
+def attention(qkv: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """Softmax attention without mask: ``qkv [3, batch, heads, T, head_dim]`` (q pre-scaled)
+    -> ``[batch, heads, T, head_dim]``.
+
+    ``keep [batch, heads, T, T]``, if given, multiplies the attention probabilities
+    (attention dropout: 0 where dropped, ``1 / (1 - rate)`` elsewhere). Differentiated
+    by the hand-written ``_custom_attention`` when ``layers.use_custom_backward()``.
+    """
+    if use_custom_backward():
+        return _custom_attention(qkv, keep)
+    q, k, v = qkv
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if keep is not None:
+        probs = probs * keep
+    return jnp.einsum("bnts,bnsh->bnth", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+# The forward keeps the unnormalized weights exp(s - max) and divides the
+# [T, head_dim] output by the row sums instead of normalizing the [T, T] weights;
+# the backward uses rowsum(P * dP) = rowsum(dO * O), a pass over [T, head_dim]
+# instead of [T, T] (it holds with a dropout mask too, as O is then (P * keep) V).
 # q, k and v arrive stacked so that their gradient is one array, not three
 # zero-padded ones summed.
 @jax.custom_vjp
-def attention(qkv: jax.Array) -> jax.Array:
-    """Softmax attention without mask: ``qkv [3, batch, heads, T, head_dim]`` (q pre-scaled)
-    -> ``[batch, heads, T, head_dim]``.
-    """
-    return _attention_fwd(qkv)[0]
+def _custom_attention(qkv: jax.Array, keep: jax.Array | None) -> jax.Array:
+    return _attention_fwd(qkv, keep)[0]
 
 
-def _attention_fwd(qkv):
+def _attention_fwd(qkv, keep):
     q, k, v = qkv
     logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
     weights = jnp.exp(logits - logits.max(-1, keepdims=True)).astype(v.dtype)
     inv_sum = 1.0 / weights.sum(-1, keepdims=True, dtype=jnp.float32)
-    out = jnp.einsum("bnts,bnsh->bnth", weights, v, preferred_element_type=jnp.float32) * inv_sum
+    kept = weights if keep is None else weights * keep
+    out = jnp.einsum("bnts,bnsh->bnth", kept, v, preferred_element_type=jnp.float32) * inv_sum
     out = out.astype(v.dtype)
-    return out, (qkv, weights, inv_sum, out)
+    return out, (qkv, weights, inv_sum, out, keep)
 
 
 def _attention_bwd(residuals, g):
-    (q, k, v), weights, inv_sum, out = residuals
+    (q, k, v), weights, inv_sum, out, keep = residuals
     dtype = v.dtype
     delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
     dprobs = jnp.einsum("bnth,bnsh->bnts", g, v, preferred_element_type=jnp.float32)
-    dlogits = (weights * inv_sum * (dprobs - delta)).astype(dtype)
+    probs = weights * inv_sum
+    dkeep = None if keep is None else (probs * dprobs).astype(keep.dtype)
+    dlogits = (probs * ((dprobs if keep is None else dprobs * keep) - delta)).astype(dtype)
+    kept = weights if keep is None else weights * keep
     dq = jnp.einsum("bnts,bnsh->bnth", dlogits, k)
     dk = jnp.einsum("bnts,bnth->bnsh", dlogits, q)
-    dv = jnp.einsum("bnts,bnth->bnsh", weights, (g * inv_sum).astype(dtype))
-    return (jnp.stack([dq, dk, dv]).astype(dtype),)
+    dv = jnp.einsum("bnts,bnth->bnsh", kept, (g * inv_sum).astype(dtype))
+    return jnp.stack([dq, dk, dv]).astype(dtype), dkeep
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_custom_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention; q, k and v come from one ``[width, 3 * width]`` projection."""
+    """Multi-head self-attention; q, k and v come from one ``[width, 3 * width]`` projection;
+    ``dropout_rate`` on the attention probabilities."""
 
-    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs):
-        self.num_heads = num_heads
+    def __init__(self, width: int, num_heads: int, *, dropout_rate: float = 0.0, rngs: nnx.Rngs):
+        self.num_heads, self.dropout_rate = num_heads, dropout_rate
         self.qkv = Dense(width, 3 * width, axes=("embed", "heads"), rngs=rngs)
         self.out = Dense(width, width, axes=("heads", "embed"), rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [batch, T, width]`` -> ``[batch, T, width]``."""
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x [batch, T, width]`` -> ``[batch, T, width]``; attention dropout only with ``rngs``."""
         batch, length, width = x.shape
         head_dim = width // self.num_heads
         # Scaling q (not the [T, T] logits) folds into the transpose to head-major order.
         scale = jnp.asarray([head_dim**-0.5, 1.0, 1.0], x.dtype)[:, None, None, None, None]
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        y = attention(qkv * scale)
+        keep = None
+        if rngs is not None and self.dropout_rate > 0.0:
+            shape = (batch, self.num_heads, length, length)
+            kept = jax.random.bernoulli(rngs.dropout(), 1.0 - self.dropout_rate, shape)
+            keep = kept.astype(x.dtype) / jnp.asarray(1.0 - self.dropout_rate, x.dtype)
+        y = attention(qkv * scale, keep)
         return self.out(y.transpose(0, 2, 1, 3).reshape(batch, length, width))
 
 
@@ -189,18 +225,18 @@ class MLP(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-LayerNorm transformer block; dropout on each residual branch."""
+    """Pre-LayerNorm transformer block; dropout on each residual branch and on the attention probabilities."""
 
     def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs):
         width, eps = config.width, config.layer_norm_eps
         self.norm1 = LayerNorm(width, eps=eps, rngs=rngs)
-        self.attn = SelfAttention(width, config.num_heads, rngs=rngs)
+        self.attn = SelfAttention(width, config.num_heads, dropout_rate=config.attention_dropout, rngs=rngs)
         self.norm2 = LayerNorm(width, eps=eps, rngs=rngs)
         self.mlp = MLP(width, config.mlp_ratio * width, width, config.hidden_act, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = x + self.dropout(self.attn(self.norm1(x)), deterministic=rngs is None, rngs=rngs)
+        x = x + self.dropout(self.attn(self.norm1(x), rngs), deterministic=rngs is None, rngs=rngs)
         return x + self.dropout(self.mlp(self.norm2(x)), deterministic=rngs is None, rngs=rngs)
 
 
