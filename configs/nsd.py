@@ -58,7 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.head_hidden = 1024
     config.model.hidden_act = "gelu"
     config.model.layer_norm_eps = 1e-6
-    config.model.dropout = 0.0  # not stated by the paper; on in training only
+    # Not stated by the paper; on in training only. dropout: embeddings and residual branches;
+    # attention_dropout: attention probabilities (as HF ViT and CLIP).
+    config.model.dropout = 0.0
+    config.model.attention_dropout = 0.0
     config.model.compute_dtype = "float32"  # "bfloat16" on accelerators
 
     config.loss = ml_collections.ConfigDict()

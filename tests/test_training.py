@@ -169,6 +169,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_nsd, tmp_path):
 def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(tiny_nsd, tmp_path):
     config = tiny_config(tiny_nsd)
     config.model.depth = 1  # not the tiny config's default: evaluation must read it from the run folder
+    config.model.dropout = config.model.attention_dropout = 0.1  # on in training, off in evaluation
     config.total_steps = 3
     first = loop.train(config, tmp_path)
     saved = run_config.load(tmp_path)
@@ -176,6 +177,7 @@ def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(
     assert loop.evaluate_run(tmp_path) == first  # --workdir alone
 
     changed = tiny_config(tiny_nsd)
+    changed.model.dropout = changed.model.attention_dropout = 0.1
     changed.total_steps = 3
     with pytest.raises(run_config.ConfigMismatchError, match="model.depth: 1 -> 2"):
         loop.train(changed, tmp_path)

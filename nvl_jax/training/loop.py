@@ -12,6 +12,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from nvl_jax.models import layers
 from nvl_jax.training import optim, run_config, state as state_lib, steps, tasks
 from nvl_jax.training.checkpointing import Checkpointer
 from nvl_jax.training.metrics_writer import MetricsWriter
@@ -36,6 +37,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
     resume with a config that changes shapes, data or the task is refused (``run_config``).
     """
     workdir = Path(workdir)
+    layers.set_custom_backward(config.custom_backward)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     step = checkpointer.latest_step() or 0
     if step:
@@ -92,6 +94,7 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: jax.shardi
     """
     workdir = Path(workdir)
     config = run_config.load(workdir)
+    layers.set_custom_backward(config.custom_backward)
     checkpointer = Checkpointer(workdir)
     step = step or checkpointer.latest_step()
     if step is None:
