@@ -47,6 +47,15 @@ setup(
             "pillow",
             "pytest",
             "pytest-xdist",
+            # Independent references for the reconstruction metrics: pytorchcv's model modules
+            # import only torch (torchvision does not import next to the CPU torch).
+            "pytorchcv",
+            "scikit-image",
+        ],
+        # The reconstruction metrics compute in JAX; torch only reads the published .pth
+        # checkpoints once (python -m nvl_jax.models.convert_feature_nets).
+        "eval": [
+            "torch==2.13.0",
         ],
     },
 )

@@ -224,3 +224,21 @@ def test_loading_is_strict(tmp_path):
 def test_missing_folder_names_the_converter(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert_feature_nets"):
         ResNet.from_pretrained(tmp_path / "absent")
+
+
+def test_converter_reads_swav_checkpoint(tmp_path):
+    """SwAV's published file: a DistributedDataParallel state dict (``module.`` prefixes) holding its
+    projection head and prototypes besides the torchvision ResNet-50 backbone."""
+    from nvl_jax.models import convert_feature_nets
+
+    torch.manual_seed(0)
+    reference = pytorchcv_resnet.resnet50b().eval()
+    state = {f"module.{resnet_to_torchvision(k)}": v for k, v in reference.state_dict().items()
+             if not k.startswith("output.")}
+    state["module.projection_head.0.weight"] = torch.zeros(2048, 2048)
+    state["module.prototypes.weight"] = torch.zeros(3000, 128)
+    torch.save(state, tmp_path / "swav_800ep_pretrain.pth.tar")
+    convert_feature_nets.main(["swav", str(tmp_path / "swav_800ep_pretrain.pth.tar"), str(tmp_path / "swav")])
+    model = ResNet.from_pretrained(tmp_path / "swav")
+    np.testing.assert_array_equal(np.asarray(model.layer4[2].conv3.kernel[...]),
+                                  state["module.layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0))
