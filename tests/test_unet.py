@@ -10,8 +10,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from nvl_jax import sharding
+from nvl_jax.bench import unet_forward
 from nvl_jax.models import hf_loader
 from nvl_jax.models.unet import UNet2DConditionModel, UNetConfig
+from nvl_jax.models.unet.attention import CPU_BLOCKED_MIN_LOGITS, dot_product_attention
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TOL = 1e-4
@@ -160,6 +162,18 @@ def test_class_labels_are_checked(pair):
             model(sample, timesteps, context, labels[:, :23])
 
 
+def test_blocked_cpu_attention_matches_torch():
+    # 1100 x 1100 logits per head: past the blocked path's threshold, and not a whole
+    # number of query blocks, so the padding of the last block is exercised too.
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 1100, 2, 8)).astype(np.float32) for _ in range(3))
+    assert q.shape[1] * k.shape[1] >= CPU_BLOCKED_MIN_LOGITS and jax.default_backend() == "cpu"
+    out = jax.jit(dot_product_attention)(q, k, v)
+    q_t, k_t, v_t = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t).transpose(1, 2).numpy()
+    assert _max_err(out, expected) < 1e-5
+
+
 def test_config_reads_diffusers_configs(pair):
     name, reference, _, _ = pair
     config = UNetConfig.from_hf_config(dict(reference.config))
@@ -228,3 +242,9 @@ def test_sharded_forward_matches_unsharded(build):
     assert out.sharding.spec[0] == ("data", "fsdp")
     expected = _forward(model, *[None if x is None else jnp.asarray(x) for x in inputs])
     assert _max_err(out, expected) < 1e-5
+
+
+def test_benchmark_times_both_on_the_same_weights():
+    result = unet_forward.compare(unet_forward.quick_config(), batch=2, size=16, tokens=5, repeats=1)
+    assert result["torch_s"] > 0 and result["jax_s"] > 0
+    assert result["max_abs_diff"] < TOL
