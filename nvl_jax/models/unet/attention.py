@@ -73,7 +73,8 @@ class TransformerSettings:
     norm_num_groups: groups of the transformer's input GroupNorm.
     use_linear_projection: diffusers names ``proj_in`` / ``proj_out`` Linear layers (SD 2.x)
         or 1x1 convs (SD 1.x); both are the same per-pixel matmul here.
-    upcast_attention: attention logits and softmax in float32 whatever the compute dtype.
+    upcast_attention: queries, keys and values cast to float32, so the attention matmuls run in
+        float32 whatever the compute dtype (logits and softmax are float32 always).
     """
 
     num_heads: int
