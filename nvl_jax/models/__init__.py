@@ -4,6 +4,7 @@ where the model has one.
 
 - ``clip/``: CLIP vision and text towers with their projections, and the image processor.
 - ``vae/``: the Stable Diffusion ``AutoencoderKL``.
+- ``unet/``: the Stable Diffusion 2.x / Stable unCLIP ``UNet2DConditionModel``.
 - ``llama/``: Llama-2 / Vicuna / Llama-3 causal language models, with KV-cache generation.
 - ``vit3d/``: the fMRI extractor with its CLIP / VAE alignment heads.
 - ``alexnet/``, ``inception/``, ``efficientnet/``, ``resnet/``: torchvision-layout image classifiers up to
