@@ -67,19 +67,26 @@ def stage2_config(stage1_run, tiny_llm):
     return config
 
 
+@pytest.fixture(scope="module")
+def stage2_run(stage1_run, tiny_llm, tmp_path_factory):
+    """A finished 4-step LoRA run and its evaluation."""
+    workdir = tmp_path_factory.mktemp("stage2")
+    return workdir, loop.train(stage2_config(stage1_run, tiny_llm), workdir)
+
+
 def _params(workdir, step):
     return ocp.PyTreeCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "params")
 
 
-def test_stage2_resumes_exactly_and_evaluates(stage1_run, tiny_llm, tmp_path, monkeypatch):
+def test_stage2_resumes_exactly_and_evaluates(stage1_run, tiny_llm, stage2_run, tmp_path, monkeypatch):
     config = stage2_config(stage1_run, tiny_llm)
-    results = loop.train(config, tmp_path / "uninterrupted")
+    uninterrupted, results = stage2_run
     assert results.keys() == {"multi_trial", "single_trial"}
     for mode in results.values():
         assert mode.keys() == {"brain", "shuffled", "prior"}
         for entry in mode.values():
             assert {"bleu4", "cider", "meteor", "rouge_l", "object_f1"} <= entry.keys()
-    assert json.loads((tmp_path / "uninterrupted" / "eval_captions.json").read_text()) == results
+    assert json.loads((uninterrupted / "eval_captions.json").read_text()) == results
 
     write = MetricsWriter.write
 
@@ -93,14 +100,14 @@ def test_stage2_resumes_exactly_and_evaluates(stage1_run, tiny_llm, tmp_path, mo
         loop.train(config, tmp_path / "killed")
     monkeypatch.setattr(MetricsWriter, "write", write)
     loop.train(config, tmp_path / "killed")
-    expected, resumed = _params(tmp_path / "uninterrupted", 4), _params(tmp_path / "killed", 4)
+    expected, resumed = _params(uninterrupted, 4), _params(tmp_path / "killed", 4)
     leaves = jax.tree.leaves(expected)
     assert leaves and len(leaves) == len(jax.tree.leaves(resumed))
     for a, b in zip(leaves, jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line)["loss"]
-                 for line in (tmp_path / "uninterrupted" / "metrics.jsonl").read_text().splitlines()]
+                 for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert losses == reference and len(losses) == 4
     # Only the projector and the LoRA adapters train; the checkpoint holds them and nothing else.
     flat = ["/".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
@@ -108,13 +115,9 @@ def test_stage2_resumes_exactly_and_evaluates(stage1_run, tiny_llm, tmp_path, mo
     assert not any("embed_tokens" in p or "encoder" in p for p in flat)
 
 
-def test_export_caption_and_chat_from_the_run_folder(stage1_run, tiny_llm, tmp_path):
-    config = stage2_config(stage1_run, tiny_llm)
-    config.total_steps = 2
-    run = tmp_path / "run"
-    loop.train(config, run)
-
-    out = export.export_run(run)
+def test_export_caption_and_chat_from_the_run_folder(stage2_run, tmp_path):
+    run, _ = stage2_run
+    out = export.export_run(run, tmp_path / "export")
     theirs = transformers.LlamaForCausalLM.from_pretrained(out / "llm").eval()
     _, model, _ = loop.restore_model(run)
     __import__("nvl_jax.models.brain_lm", fromlist=["lora"]).lora.merge_lora(model.llm)
@@ -128,7 +131,7 @@ def test_export_caption_and_chat_from_the_run_folder(stage1_run, tiny_llm, tmp_p
     assert projector["linear_1.weight"].shape == (32, 32) and set(projector) == {
         "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
 
-    path = brain_captions.caption_run(run, limit=3, max_new_tokens=3)
+    path = brain_captions.caption_run(run, limit=3, max_new_tokens=3, out=tmp_path / "captions.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 6 and {r["mode"] for r in rows} == {"multi_trial", "single_trial"}
     assert set(rows[0]) == {"stimulus", "subject", "mode", "task", "caption"}
