@@ -51,6 +51,7 @@ setup(
             "pytest",
             "pytest-xdist",
             "pycocoevalcap>=1.2",
+            "scikit-learn",  # the AUROC reference of tests/test_localization.py
         ],
         # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well.
         "eval": ["pycocoevalcap>=1.2"],
