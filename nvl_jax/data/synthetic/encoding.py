@@ -121,12 +121,16 @@ class EncodingModel:
         return cls(early=early, rf_weights=rf_weights.astype(np.float32), channel_weights=channel_weights,
                    concept_field=concept_field, gain=gain)
 
+    def retinotopic(self, features: np.ndarray) -> np.ndarray:
+        """``float64 [n, V]``: the retinotopic part before scaling, for features ``[n, channels, cells]``."""
+        return sum(self.channel_weights[:, c] * (features[:, c] @ self.rf_weights.T).astype(np.float64)
+                   for c in range(features.shape[1]))
+
     def signal(self, features: np.ndarray, presence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Noise-free responses ``float64 [n, V]`` to stimuli with features ``[n, 3, cells]`` and concept
         presence ``[n, n_concepts]``, and the concept maps ``[V, n_concepts]``: the exact weights of the
         concept part, so ``signal = retinotopic part + presence @ concept_maps.T``."""
-        retinotopic = sum(self.channel_weights[:, c] * (features[:, c] @ self.rf_weights.T).astype(np.float64)
-                          for c in range(features.shape[1]))
+        retinotopic = self.retinotopic(features)
         concept = presence.astype(np.float64) @ self.concept_field.T
         # Each pathway to unit variance across stimuli (averaged over voxels), so `early` alone sets the mix.
         retinotopic_scale, concept_scale = (np.sqrt(part.var(0).mean()) for part in (retinotopic, concept))

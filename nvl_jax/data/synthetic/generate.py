@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nvl_jax.data import format as fmt
-from nvl_jax.data.synthetic import anatomy, encoding, scenes
+from nvl_jax.data.synthetic import anatomy, encoding, scenes, truth
 
 DEFAULT_SUBJECTS = ("subj01", "subj02", "subj05", "subj07")
 # What a previous run (or the tools that add to a dataset) may have left in the output folder.
@@ -108,11 +108,13 @@ def _write_stimuli(writer: fmt.DatasetWriter, config: SyntheticConfig, progress:
 
 
 def _write_subject(writer: fmt.DatasetWriter, config: SyntheticConfig, name: str, stimuli: np.ndarray,
-                   features: np.ndarray, presence: np.ndarray, shared_lattice: np.ndarray) -> np.ndarray:
-    """One subject's masks, betas, trials and ground-truth concept maps; returns its head pose ``[4, 4]``.
+                   features: np.ndarray, presence: np.ndarray, covers: np.ndarray,
+                   shared_lattice: np.ndarray) -> np.ndarray:
+    """One subject's masks, betas, trials, ground-truth concept maps and true concept voxels; returns its
+    head pose ``[4, 4]``.
 
-    stimuli: the ids it sees; features, presence: per stimulus id (encoding.image_features,
-    scenes.concept_presence).
+    stimuli: the ids it sees; features, presence, covers: per stimulus id (encoding.image_features,
+    scenes.concept_presence, truth.colour_cover).
     """
     subject = anatomy.build_anatomy(name, config.scale, config.dilation, rng_for(config.seed, "anatomy", name))
     model = encoding.EncodingModel.build(subject.voxel_mni, shared_lattice, rng_for(config.seed, "tuning", name))
@@ -132,6 +134,11 @@ def _write_subject(writer: fmt.DatasetWriter, config: SyntheticConfig, name: str
     maps[subject.voxel_mask] = concept_maps
     (writer.root / "ground_truth").mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(maps, subject.affine), writer.root / "ground_truth" / f"{name}_concept_maps.nii.gz")
+    carried = np.zeros((*subject.shape, len(scenes.CONCEPTS)), np.uint8)
+    carried[subject.voxel_mask] = truth.true_concept_voxels(model, features[stimuli], presence[stimuli],
+                                                            covers[:, stimuli])
+    nib.save(nib.Nifti1Image(carried, subject.affine),
+             writer.root / "ground_truth" / f"{name}_concept_voxels.nii.gz")
     return subject.scanner_to_mni
 
 
@@ -143,13 +150,14 @@ def generate(out: str | Path, config: SyntheticConfig = SyntheticConfig(), *, ov
     writer = fmt.DatasetWriter(out, "in-silico", (config.image_size, config.image_size, 3))
     graphs, images = _write_stimuli(writer, config, progress)
     features, presence = encoding.image_features(images), scenes.concept_presence(graphs)
+    covers = truth.colour_cover(images)
     shared_lattice = encoding.shared_concept_lattice(len(scenes.CONCEPTS), rng_for(config.seed, "concepts"))
     test_ids, n_train = np.arange(config.test_stimuli), config.train_stimuli
     poses = {}
     for k, name in enumerate(tqdm(config.subjects, desc="subjects", disable=not progress)):
         own = config.test_stimuli + k * n_train + np.arange(n_train)
         poses[name] = _write_subject(writer, config, name, np.concatenate([test_ids, own]), features, presence,
-                                     shared_lattice).tolist()
+                                     covers, shared_lattice).tolist()
     writer.write_split(np.arange(config.test_stimuli, config.n_stimuli), test_ids, SPLIT_RULE)
     (out / "ground_truth" / "concepts.json").write_text(json.dumps({
         "concepts": list(scenes.CONCEPTS), "size_weights": scenes.SIZE_WEIGHTS,
