@@ -14,8 +14,6 @@ voxels and averaged over the runs (the paper's ensemble: patch 14, 12 and 10). W
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,30 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_outputs(result, out: str | Path) -> list[Path]:
-    """The NIfTI files and PNGs of a ``ConceptMap``; returns their paths."""
-    from nvl_jax.localization import figures
-
-    out = Path(out)
-    stem = f"{result.subject.name}_{re.sub(r'[^A-Za-z0-9]+', '_', result.concept).strip('_')}"
-    paths = [figures.write_nifti(result.ensemble, result.subject, out / f"{stem}.nii.gz")]
-    paths += [figures.write_nifti(m, result.subject, out / f"{stem}_{name}.nii.gz") for name, m in result.runs.items()]
-    volumes = {"ensemble": result.volume()} if len(result.runs) > 1 else {}
-    volumes.update({name: figures.to_volume(m, result.subject) for name, m in result.runs.items()})
-    paths.append(figures.slices_png(volumes, result.subject, out / f"{stem}_slices.png"))
-    paths.append(figures.glass_brain_png(paths[0], out / f"{stem}_glass_brain.png",
-                                         f'"{result.concept}" in {result.subject.name}'))
-    return paths
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from nvl_jax.localization import localize_concept
+    from nvl_jax.localization import figures, localize_concept
 
     result = localize_concept(args.workdir, args.subject, args.concept, args.stimuli, args.repeats, method=args.method)
     scores = ", ".join(f"{name} {value:.3f}" for name, value in result.score.items())
     print(f'"{args.concept}" in {args.subject}: {len(result.stimuli)} stimuli, concept score (cosine) {scores}')
-    for path in write_outputs(result, args.out):
+    for path in figures.write_outputs(result, args.out):
         print(f"wrote {path}")
 
 

@@ -139,5 +139,7 @@ def test_export_caption_and_chat_from_the_run_folder(stage2_run, tmp_path):
     replies = list(session.chat(run, "subj01", ["What is in the image?", "And its colour?"], stimulus=0,
                              max_new_tokens=3))
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    (answer,) = session.chat(run, "subj01", ['Locating the concept of "red"'], stimulus=0, out=tmp_path / "maps")
+    assert (tmp_path / "maps" / "subj01_red.nii.gz").is_file() and "subj01_red.nii.gz" in answer
     with pytest.raises(ValueError, match="--stimulus 99999: subj01 never saw it"):
         list(session.chat(run, "subj01", ["hi"], stimulus=99999))

@@ -66,8 +66,10 @@ def chat(workdir: str | Path, subject: str, messages: Iterable[str], *, stimulus
 
 
 def _localize(task, subject: str, concept: str, stimulus: int | None, out) -> str:
-    from nvl_jax.localization import localize_concept
+    """The concept's map from the stage-1 run the brain-language model reads, written under ``out``."""
+    from nvl_jax.localization import figures, localize_concept
 
-    written = localize_concept([task.stage1_workdir], subject, concept,
-                               stimuli="test" if stimulus is None else [stimulus], out=Path(out))
+    result = localize_concept([task.stage1_workdir], subject, concept,
+                              stimuli="test" if stimulus is None else str(stimulus))
+    written = figures.write_outputs(result, Path(out))
     return f'The concept "{concept}" on {subject}\'s voxels: ' + ", ".join(str(p) for p in written)

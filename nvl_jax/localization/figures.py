@@ -4,6 +4,7 @@ nilearn glass brains."""
 from __future__ import annotations
 
 from pathlib import Path
+import re
 
 import matplotlib
 
@@ -75,3 +76,17 @@ def glass_brain_png(nifti_path: str | Path, path: str | Path, title: str) -> Pat
     display.savefig(str(path), dpi=110)
     display.close()
     return path
+
+
+def write_outputs(result, out: str | Path) -> list[Path]:
+    """The NIfTI files and PNGs of a ``ConceptMap``; returns their paths."""
+    out = Path(out)
+    stem = f"{result.subject.name}_{re.sub(r'[^A-Za-z0-9]+', '_', result.concept).strip('_')}"
+    paths = [write_nifti(result.ensemble, result.subject, out / f"{stem}.nii.gz")]
+    paths += [write_nifti(m, result.subject, out / f"{stem}_{name}.nii.gz") for name, m in result.runs.items()]
+    volumes = {"ensemble": result.volume()} if len(result.runs) > 1 else {}
+    volumes.update({name: to_volume(m, result.subject) for name, m in result.runs.items()})
+    paths.append(slices_png(volumes, result.subject, out / f"{stem}_slices.png"))
+    paths.append(glass_brain_png(paths[0], out / f"{stem}_glass_brain.png",
+                                         f'"{result.concept}" in {result.subject.name}'))
+    return paths
