@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.layer_norm_eps = 1e-6
     config.model.dropout = 0.0  # not stated by the paper; on in training only
     config.model.compute_dtype = "float32"  # "bfloat16" on accelerators
+    # What each block keeps for the backward pass: "none", "full" (recompute the block) or a
+    # jax.checkpoint_policies name (nvl_jax.models.layers.REMAT_POLICIES); python -m nvl_jax.plan shows the effect.
+    config.model.remat = "none"
 
     config.loss = ml_collections.ConfigDict()
     config.loss.alpha = 1 / 64  # weight of the VAE-latent term against the CLIP term

@@ -19,14 +19,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param
+from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, check_remat, param, remat
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViT3DConfig:
-    """Extractor and heads. ``patch_grid``: patches per axis of the padded common grid."""
+    """Extractor and heads. ``patch_grid``: patches per axis of the padded common grid.
+    ``remat``: what each encoder block keeps for the backward pass (``layers.REMAT_POLICIES``).
+    """
 
     patch_size: int = 14
     patch_grid: tuple[int, int, int] = (6, 8, 6)
@@ -41,6 +43,7 @@ class ViT3DConfig:
     vae_latent_shape: tuple[int, int, int] = (64, 64, 4)
     head_hidden: int = 1024
     compute_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -53,6 +56,7 @@ class ViT3DConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
         activation(self.hidden_act)
+        check_remat(self.remat)
 
     @property
     def patch_dim(self) -> int:
@@ -236,8 +240,9 @@ class ViT3D(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, cfg.width))
         x = self.dropout(jnp.concatenate([cls, x], axis=1), deterministic=rngs is None, rngs=rngs)
         hidden_states = []
+        run_block = remat(lambda block, x, rngs: block(x, rngs), cfg.remat)
         for block in self.blocks:
-            x = block(x, rngs)
+            x = run_block(block, x, rngs)
             hidden_states.append(x)
         tokens = self.norm(x)
         return ViT3DOutput(cls=tokens[:, 0], tokens=tokens,
