@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout = 0.0
     config.model.attention_dropout = 0.0
     config.model.compute_dtype = "float32"  # "bfloat16" on accelerators
+    # What each block keeps for the backward pass: "none", "full" (recompute the block) or a
+    # jax.checkpoint_policies name (nvl_jax.models.layers.REMAT_POLICIES); python -m nvl_jax.plan shows the effect.
+    config.model.remat = "none"
 
     config.loss = ml_collections.ConfigDict()
     config.loss.alpha = 1 / 64  # weight of the VAE-latent term against the CLIP term

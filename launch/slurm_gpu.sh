@@ -4,8 +4,11 @@
 #   DATA_ROOT=/shared/nsd_prepared WORKDIR=/shared/runs/nsd sbatch --nodes=2 launch/slurm_gpu.sh
 #
 # jax.distributed.initialize() (the --multihost flag) reads the coordinator, process count and
-# process id from SLURM's environment. DATA_ROOT and WORKDIR must be on a filesystem all nodes
-# share. Resubmitting the same job resumes from the newest checkpoint in WORKDIR.
+# process id from SLURM's environment; where it cannot, pass --coordinator=HOST:PORT
+# --num_processes=N --process_id=I instead (bash launch/local_multiprocess.sh rehearses the same job
+# on one CPU machine). DATA_ROOT and WORKDIR must be on a filesystem all nodes share: each process
+# reads its share of the records, orbax writes one checkpoint from all of them. Resubmitting the
+# same job resumes from the newest checkpoint in WORKDIR, also with a different node count.
 #SBATCH --job-name=nvl_jax_stage1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

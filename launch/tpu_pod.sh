@@ -6,7 +6,9 @@
 #
 # Every worker must see DATA_ROOT and WORKDIR at the same path (a Filestore/NFS mount or a gcsfuse
 # bucket): each host reads only its share of the trials, and orbax writes one checkpoint from all
-# hosts. Rerunning the same command resumes from the newest checkpoint in WORKDIR.
+# hosts. --multihost: jax.distributed.initialize() finds the coordinator and the worker ids from
+# the TPU metadata (bash launch/local_multiprocess.sh rehearses the same job on one CPU machine).
+# Rerunning the same command resumes from the newest checkpoint in WORKDIR, on any slice size.
 set -euo pipefail
 
 : "${TPU_NAME:?name of the TPU VM pod slice}"

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -286,13 +287,19 @@ class PreparedDataset:
             dataset.instructions()
         return dataset
 
+    # Grain reads records on several threads; np.load parses the .npy header with ast.literal_eval,
+    # which CPython 3.11 (3.11.7 measured) can fail when threads interleave in it: "SystemError: AST
+    # constructor recursion depth mismatch". Memory maps are opened one at a time.
+    _open_lock = threading.Lock()
+
     def betas(self, subject: str, session: int, rows: np.ndarray) -> np.ndarray:
         """``float32 [len(rows), n_voxels]``: those rows of one session's betas, times betas_scale.
         Only the pages of those rows are read; the memory maps are kept, one per session."""
         key = (subject, int(session))
         if (betas := self._memmaps.get(key)) is None:
             path = self.root / "subjects" / subject / "betas" / f"{self.subjects[subject].sessions[key[1]]}.npy"
-            betas = self._memmaps[key] = np.load(path, mmap_mode="r")
+            with self._open_lock:
+                betas = self._memmaps[key] = np.load(path, mmap_mode="r")
         return betas[np.asarray(rows)].astype(np.float32) * np.float32(self.subjects[subject].betas_scale)
 
     def images(self) -> np.ndarray:

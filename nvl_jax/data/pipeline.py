@@ -194,10 +194,14 @@ def train_dataset(root: str | Path, dataset: PreparedDataset, *, global_batch_si
     max_voxels = max(s.n_voxels for s in dataset.subjects.values())
     records = build_records(dataset, "train", "train")
     ds = grain.MapDataset.source(RecordSource(root, records, max_voxels)).seed(seed)
-    ds = ds.shuffle().repeat()[jax.process_index()::processes]
+    ds = ds.shuffle().repeat()
     if mixup:
+        # Before the share is taken: each record's MixUp draw is seeded by its position in the global
+        # order, so a run's batches do not depend on how many processes read them. Mapping is lazy:
+        # a process still reads only its share.
         ds = ds.random_map(MixUpRepeats(root, max_voxels))
-    ds = ds.map(_drop_partners).batch(global_batch_size // processes, drop_remainder=True)
+    ds = ds[jax.process_index()::processes].map(_drop_partners)
+    ds = ds.batch(global_batch_size // processes, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
     if worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

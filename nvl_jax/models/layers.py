@@ -10,7 +10,7 @@ hand-written backward passes of ``Dense`` and ``LayerNorm`` and plain autodiff.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 import os
 
@@ -73,6 +73,29 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.
     places the values.
     """
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
+
+
+# Rematerialization ("remat"): what a block keeps from its forward pass for the backward pass.
+# "none" keeps everything (fastest, most memory); "full" keeps only the block's input and recomputes
+# the rest; the others are jax.checkpoint_policies names, e.g. "dots_with_no_batch_dims_saveable"
+# keeps the weight matmuls' outputs and recomputes attention and elementwise work.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims", "everything_saveable", "nothing_saveable")
+
+
+def check_remat(policy: str) -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat {policy!r} is not one of {REMAT_POLICIES}")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """``fn`` (which may take NNX modules) under the remat ``policy``, one of ``REMAT_POLICIES``."""
+    check_remat(policy)
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return nnx.remat(fn)  # jax.checkpoint's default: nothing saved but the inputs
+    return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
 # JAX's own transpose rule computes a kernel's gradient as dot(g, x) followed by a

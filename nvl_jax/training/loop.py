@@ -62,6 +62,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
     with tqdm(total=steps_total, initial=step, desc=task.name, unit="step", disable=jax.process_index() != 0) as bar:
         while step < steps_total:
             batch = task.global_batch(next(data))
+            if previous is None:
+                steps.compile_on_all_processes(train_step, params, opt_state, frozen, batch, constants,
+                                               steps.step_counter(step))
             params, opt_state, metrics = train_step(params, opt_state, frozen, batch, constants,
                                                     steps.step_counter(step))
             step += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 
 from nvl_jax.training.state import StateLayout
 from nvl_jax.training.task import Task
@@ -53,3 +54,17 @@ def make_train_step(task: Task, layout: StateLayout, tx: optax.GradientTransform
 
 def step_counter(step: int) -> jax.Array:
     return jnp.asarray(step, jnp.int32)
+
+
+def compile_on_all_processes(train_step, *args) -> None:
+    """Compiles ``train_step`` for ``args`` and waits until every process of the job has too.
+
+    The first run of a step sets up its cross-process collectives, and a CPU job's gloo gives up
+    when one process arrives there 30 s after another: compile times differ that much on a busy
+    host. The coordination service's barrier waits minutes. A no-op in a single-process run.
+    """
+    if jax.process_count() == 1:
+        return
+    train_step.lower(*args).compile()  # the jitted function reuses this executable
+    ocp.multihost.sync_global_processes("nvl_jax.train_step_compiled", processes=set(range(jax.process_count())),
+                                        timeout=1800)

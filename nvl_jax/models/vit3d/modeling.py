@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from nvl_jax.models.layers import Dense, Embed, LayerNorm, activation, param, use_custom_backward
+from nvl_jax.models.layers import (
+    Dense, Embed, LayerNorm, activation, check_remat, param, remat, use_custom_backward)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -33,6 +34,7 @@ class ViT3DConfig:
     positions, and CLS) and on each block's attention and MLP outputs before the residual
     sum; ``attention_dropout`` on the attention probabilities. ``hidden_act`` names the
     MLPs' activation (``layers.ACTIVATIONS``), ``layer_norm_eps`` every LayerNorm's epsilon.
+    ``remat``: what each encoder block keeps for the backward pass (``layers.REMAT_POLICIES``).
     """
 
     patch_size: int = 14
@@ -49,6 +51,7 @@ class ViT3DConfig:
     vae_latent_shape: tuple[int, int, int] = (64, 64, 4)
     head_hidden: int = 1024
     compute_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -64,6 +67,7 @@ class ViT3DConfig:
         if self.layer_norm_eps <= 0.0:
             raise ValueError(f"layer_norm_eps {self.layer_norm_eps} is not positive")
         activation(self.hidden_act)
+        check_remat(self.remat)
 
     @property
     def patch_dim(self) -> int:
@@ -272,8 +276,9 @@ class ViT3D(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, cfg.width))
         x = self.dropout(jnp.concatenate([cls, x], axis=1), deterministic=rngs is None, rngs=rngs)
         hidden_states = []
+        run_block = remat(lambda block, x, rngs: block(x, rngs), cfg.remat)
         for block in self.blocks:
-            x = block(x, rngs)
+            x = run_block(block, x, rngs)
             hidden_states.append(x)
         tokens = self.norm(x)
         return ViT3DOutput(cls=tokens[:, 0], tokens=tokens,

@@ -47,13 +47,15 @@ class Preprocessing:
 def model_config(config: ml_collections.ConfigDict, common_grid, targets) -> vit3d.ViT3DConfig:
     """The ViT3D of ``config.model`` on ``common_grid``, its heads sized by the cached targets."""
     m, patch_size = config.model, config.data.patch_size
+    # Run folders written before model.remat existed trained without it.
+    remat = m.get("remat", "none")
     return vit3d.ViT3DConfig(
         patch_size=patch_size, patch_grid=volumes.patch_grid(common_grid, patch_size), width=m.width,
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, head_hidden=m.head_hidden,
         hidden_act=m.hidden_act, layer_norm_eps=m.layer_norm_eps, dropout=m.dropout,
         attention_dropout=m.attention_dropout,
         clip_dim=targets.clip_image_embeds.shape[1], vae_latent_shape=tuple(targets.vae_latents.shape[1:]),
-        compute_dtype=m.compute_dtype)
+        compute_dtype=m.compute_dtype, remat=remat)
 
 
 def total_steps(config: ml_collections.ConfigDict, dataset) -> int:
