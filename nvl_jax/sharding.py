@@ -163,13 +163,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "f8e4m3fn": 8, "f8e5m2": 8, "s16": 16, "u16": 16,
-               "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
-               "c64": 64, "c128": 128, "token": 0}
+# HLO element types name their width (f32, bf16, s4, f8e4m3fn, c64), except these two.
+_UNSIZED_TYPE_BITS = {"pred": 8, "token": 0}
 # "%name = SHAPE op(" where SHAPE is one array type or a tuple of them. An async pair counts once,
 # at its -done, whose result is exactly the collective's output (a -start's holds its operands too).
 _COLLECTIVE_OP = re.compile(r"= (?P<shape>\S+|\(.*?\)) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\(")
 _ARRAY_TYPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+
+def _element_bits(dtype: str, line: str) -> int:
+    if dtype in _UNSIZED_TYPE_BITS:
+        return _UNSIZED_TYPE_BITS[dtype]
+    width = re.match(r"[a-z]+(\d+)", dtype)
+    if width is None:
+        raise ValueError(f"collective_bytes: HLO element type {dtype!r} names no width, in: {line.strip()}")
+    return int(width[1])
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -183,7 +191,5 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         if match is None:
             continue
         for dtype, dims in _ARRAY_TYPE.findall(match["shape"]):
-            if dtype not in _DTYPE_BITS:
-                raise ValueError(f"collective_bytes: unknown HLO element type {dtype!r} in: {line.strip()}")
-            totals[match["op"]] += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BITS[dtype] // 8
+            totals[match["op"]] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
     return totals

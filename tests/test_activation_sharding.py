@@ -65,6 +65,7 @@ def test_the_llm_traces_no_constraint_without_a_mesh():
 def test_collective_bytes_reads_sync_and_async_collectives():
     hlo = """
   %all-gather.1 = f32[8,64]{1,0} all-gather(f32[2,64]{1,0} %p0), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %ag2 = (pred[8]{0}, f8e4m3fn[4]{0}) all-gather(pred[2]{0} %m, f8e4m3fn[1]{0} %n), dimensions={0}
   %ars = f32[16]{0} all-reduce-start(f32[16]{0} %p1), channel_id=2, to_apply=%add
   %ard = f32[16]{0} all-reduce-done(f32[16]{0} %ars)
   %ar2 = (bf16[4,4]{1,0}, s32[2]{0}) all-reduce(bf16[4,4]{1,0} %a, s32[2]{0} %b), channel_id=3, to_apply=%add
@@ -75,7 +76,7 @@ def test_collective_bytes_reads_sync_and_async_collectives():
   %add.3 = f32[8,64]{1,0} add(f32[8,64]{1,0} %all-gather.1, f32[8,64]{1,0} %all-gather.1)
 """
     assert sharding.collective_bytes(hlo) == {
-        "all-gather": 8 * 64 * 4, "all-reduce": 16 * 4 + 4 * 4 * 2 + 2 * 4, "reduce-scatter": 2 * 64 * 4,
+        "all-gather": 8 * 64 * 4 + 8 + 4, "all-reduce": 16 * 4 + 4 * 4 * 2 + 2 * 4, "reduce-scatter": 2 * 64 * 4,
         "all-to-all": 2 * 2 * 4, "collective-permute": 4 * 4}
 
 
