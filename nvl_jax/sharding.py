@@ -4,14 +4,18 @@ Every parameter in nvl_jax carries logical axis names (``("embed", "mlp")``) as
 its ``out_sharding`` metadata. A rules table maps each logical name onto zero,
 one or several mesh axes of a ``("data", "fsdp", "tensor")`` mesh, so a new
 parallelism layout is a config change, not a code change (MaxText's manner).
+Activations are named the same way (``("activation_batch", "activation_length",
+"activation_embed")``) and pinned by :func:`constrain` when a mesh is set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import math
+import re
 
 import jax
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -31,6 +35,17 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("position", None),
     ("patch", None),
+    # Activations: split over the batch, and over tensor where the weights are split over tensor
+    # (heads, MLP hidden, vocab), so a tensor-parallel matmul never gathers its input. The
+    # sequence stays whole; ("activation_length", "tensor") is sequence parallelism.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -123,3 +138,58 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     mesh_axes = dict(rules).get("batch")
     return NamedSharding(mesh, PartitionSpec(mesh_axes, *([None] * (ndim - 1))))
 
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins activation ``x`` to the sharding its logical axis names map to on the current mesh.
+
+    The mesh is the one ``jax.set_mesh`` set, the rules those of ``nnx.logical_axis_rules``
+    (else :data:`DEFAULT_RULES`). Without a mesh it returns ``x`` unchanged, so single-device
+    code traces as before. A dimension whose name the rules do not list is left to XLA
+    (unconstrained): a rules table written before activations had names changes nothing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if not mesh.are_all_axes_auto:
+        raise ValueError(f"activation constraints need a mesh of Auto axes, got axis types {mesh.axis_types}; "
+                         "build it with nvl_jax.sharding.make_mesh")
+    rules = spmd.get_logical_axis_rules() or DEFAULT_RULES
+    table = dict(rules)
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    spec = PartitionSpec(*(axes if name in table else PartitionSpec.UNCONSTRAINED
+                           for name, axes in zip(logical_axes, spec, strict=True)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# HLO element types name their width (f32, bf16, s4, f8e4m3fn, c64), except these two.
+_UNSIZED_TYPE_BITS = {"pred": 8, "token": 0}
+# "%name = SHAPE op(" where SHAPE is one array type or a tuple of them. An async pair counts once,
+# at its -done, whose result is exactly the collective's output (a -start's holds its operands too).
+_COLLECTIVE_OP = re.compile(r"= (?P<shape>\S+|\(.*?\)) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\(")
+_ARRAY_TYPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+
+def _element_bits(dtype: str, line: str) -> int:
+    if dtype in _UNSIZED_TYPE_BITS:
+        return _UNSIZED_TYPE_BITS[dtype]
+    width = re.match(r"[a-z]+(\d+)", dtype)
+    if width is None:
+        raise ValueError(f"collective_bytes: HLO element type {dtype!r} names no width, in: {line.strip()}")
+    return int(width[1])
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per device in a compiled module's HLO text
+    (``jax.jit(f).lower(...).compile().as_text()``): ``{kind: bytes}`` for every kind of
+    :data:`COLLECTIVES`, summed over the ops' result shapes (per-device shapes, after SPMD
+    partitioning)."""
+    totals = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE_OP.search(line)
+        if match is None:
+            continue
+        for dtype, dims in _ARRAY_TYPE.findall(match["shape"]):
+            totals[match["op"]] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
+    return totals

@@ -28,6 +28,23 @@ from nvl_jax.models.llama.params import gguf_key_map, key_map
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
+# Logical names of the activations, pinned by sharding_lib.constrain when a mesh is set.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+QUERY_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+# Per decoder layer, what the backward pass keeps of the forward pass (jax.checkpoint policies):
+# "none" keeps everything (no remat), "full" only the layer's input, "dots_saveable" also every
+# matmul's output, "dots_with_no_batch_dims_saveable" those of the weight matmuls (not attention's).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -267,17 +284,17 @@ class LlamaAttention(nnx.Module):
         attention runs over the whole cache. Returns ``(out [batch, T, hidden], kv)``.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = sharding_lib.constrain(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), QUERY_AXES)
+        k = sharding_lib.constrain(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_AXES)
+        v = sharding_lib.constrain(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_AXES)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             start = (0, slot, 0, 0)
             kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start),
                   jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start))
             k, v = kv
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(out.reshape(b, t, -1)), kv
+        out = sharding_lib.constrain(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), QUERY_AXES)
+        return sharding_lib.constrain(self.o_proj(out.reshape(b, t, -1)), HIDDEN_AXES), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -292,7 +309,8 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Dense(inner, hidden, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        hidden = sharding_lib.constrain(self.act(self.gate_proj(x)) * self.up_proj(x), MLP_AXES)
+        return sharding_lib.constrain(self.down_proj(hidden), HIDDEN_AXES)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -305,18 +323,33 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, slot=None):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slot)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = sharding_lib.constrain(x + h, HIDDEN_AXES)
+        return sharding_lib.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES), kv
+
+
+def _check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+    return remat
+
+
+def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
 
 
 class LlamaModel(nnx.Module):
-    """Token embedding, decoder layers and the final norm (transformers' ``model.*``)."""
+    """Token embedding, decoder layers and the final norm (transformers' ``model.*``).
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    ``remat`` names a policy of :data:`REMAT_POLICIES`, applied to each decoder layer when
+    there is no KV cache (training); it changes memory and compute, never the values.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, remat: str = "none"):
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.rope, self.head_dim = config.rope, config.head_dim
+        self.remat = _check_remat(remat)
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None, position_ids: jax.Array | None,
                  cache: generation.KVCache | None):
@@ -335,6 +368,12 @@ class LlamaModel(nnx.Module):
             position_ids = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1 + jnp.reshape(offset, (-1, 1)), 0)
         mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
         cos, sin = rope_cos_sin(self.rope.inv_freq(self.head_dim), position_ids, x.dtype)
+        x = sharding_lib.constrain(x, HIDDEN_AXES)
+        if cache is None and self.remat != "none":
+            remat_layer = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat])
+            for layer in self.layers:
+                x = remat_layer(layer, x, cos, sin, mask)
+            return self.norm(x), None
         new_kv = []
         for layer, kv in zip(self.layers, kv_cache, strict=True):
             x, kv = layer(x, cos, sin, mask, kv, slot)
@@ -364,11 +403,13 @@ class LlamaForCausalLM(nnx.Module):
     embeddings that multimodal prefixes are merged into, ``generate`` new tokens.
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        """Random parameters (seed 0 unless ``rngs`` is given), stored and computed in ``dtype``."""
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 remat: str = "none"):
+        """Random parameters (seed 0 unless ``rngs`` is given), stored and computed in ``dtype``.
+        ``remat``: the decoder layers' rematerialization policy, a key of :data:`REMAT_POLICIES`."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
-        self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, rngs=rngs, remat=remat)
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,
             rngs=rngs)
@@ -378,10 +419,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """``[..., hidden]`` -> ``[..., vocab]`` through the LM head (or the tied embedding)."""
+        """``[batch, L, hidden]`` -> ``[batch, L, vocab]`` through the LM head (or the tied embedding)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return hidden @ self.model.embed_tokens.embedding[...].astype(hidden.dtype).T
+            return sharding_lib.constrain(self.lm_head(hidden), LOGITS_AXES)
+        return sharding_lib.constrain(hidden @ self.model.embed_tokens.embedding[...].astype(hidden.dtype).T,
+                                      LOGITS_AXES)
 
     def __call__(
         self,
@@ -418,30 +460,30 @@ class LlamaForCausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name, *, gguf_file: str | None = None, subfolder: str | None = None,
-                        dtype=jnp.float32, mesh=None,
-                        rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> LlamaForCausalLM:
+                        dtype=jnp.float32, mesh=None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+                        remat: str = "none") -> LlamaForCausalLM:
         """Loads a Llama checkpoint: Hugging Face safetensors (single file or sharded) or a llama.cpp GGUF.
 
         A GGUF is a ``.gguf`` path, a folder holding one (and no config.json), or
         ``folder`` with ``gguf_file=name`` as in transformers; its tensors are
         dequantized to float32 (then cast to ``dtype``) and its config is read
         from its metadata (:meth:`LlamaConfig.from_gguf`); a folder's from its config files
-        (:meth:`LlamaConfig.from_pretrained`).
+        (:meth:`LlamaConfig.from_pretrained`). ``remat`` as in the constructor.
         """
         gguf_path = gguf_io.locate(path_or_name, gguf_file, subfolder)
         if gguf_path is not None:
-            return cls.from_gguf(gguf_io.GGUFFile(gguf_path), dtype=dtype, mesh=mesh, rules=rules)
+            return cls.from_gguf(gguf_io.GGUFFile(gguf_path), dtype=dtype, mesh=mesh, rules=rules, remat=remat)
         folder = hf_loader.resolve(path_or_name, subfolder)
         config = LlamaConfig.from_pretrained(folder)
-        return hf_loader.from_pretrained(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)), folder,
+        return hf_loader.from_pretrained(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat), folder,
                                          key_map(config.tie_word_embeddings), mesh=mesh, rules=rules)
 
     @classmethod
     def from_gguf(cls, file: gguf_io.GGUFFile, *, dtype=jnp.float32, mesh=None,
-                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> LlamaForCausalLM:
+                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, remat: str = "none") -> LlamaForCausalLM:
         """Loads an opened GGUF (which :func:`nvl_jax.models.llama.tokenizer.tokenizer_from_gguf` can share)."""
         config = LlamaConfig.from_gguf(file)
         return hf_loader.from_pretrained(
-            lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)), file.path.parent,
+            lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat), file.path.parent,
             gguf_key_map(config.num_heads, config.num_kv_heads, config.tie_word_embeddings),
             files=[file], mesh=mesh, rules=rules)
