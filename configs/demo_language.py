@@ -18,7 +18,7 @@ from nvl_jax.configs import nsd_language
 def get_config(arg: str | None = None):
     config = nsd_language.get_config("stage=2b,llm=lora")
     config.epochs = 1
-    config.total_steps = 250
+    config.total_steps = 150
     config.log_every_steps = 10
     config.checkpoint_every_steps = 50
 
