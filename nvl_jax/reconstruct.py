@@ -117,8 +117,6 @@ def reconstruct_run(workdir: str | Path, *, unclip: str, out: str | Path, split:
                     prompts: str | Path | None = None, blurry: bool = False, batch_size: int = 8, seed: int = 0,
                     grid_rows: int = 16) -> dict:
     """Writes the reconstructions and metrics of ``workdir``'s newest checkpoint into ``out``; returns metrics.json's dict."""
-    import jax
-
     from nvl_jax.evaluation.reconstruction import score
     from nvl_jax.reconstruction import SamplingConfig, StableUnCLIP, UnCLIPSampler, brain, outputs, to_uint8
     from nvl_jax.reconstruction import tiny_random
@@ -136,8 +134,7 @@ def reconstruct_run(workdir: str | Path, *, unclip: str, out: str | Path, split:
         info = dataset.targets().info
         unclip = tiny_random.save_tiny_random_unclip(out / "tiny_random_unclip", seed=tiny_random_seed(info),
                                                      image_size=int(info["image_size"]))
-    with jax.set_mesh(mesh):
-        components = StableUnCLIP.from_pretrained(unclip, scheduler=scheduler, mesh=mesh)
+    components = StableUnCLIP.from_pretrained(unclip, scheduler=scheduler, mesh=mesh)
     sampler = UnCLIPSampler(components, mesh)
     targets = dataset.targets()
     latent_shape, clip_dim = targets.vae_latents.shape[1:], targets.clip_image_embeds.shape[1]
