@@ -60,8 +60,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 class UnCLIPSampler:
     """Samples reconstructions from brain predictions with a loaded :class:`StableUnCLIP`.
 
-    One program is compiled per (config, batch shape); the models' parameters are arguments of
-    that program, not constants baked into it.
+    One program is compiled per number of steps, start step, guidance on or off and batch shape;
+    the models' parameters, beta, the guidance scale and the noise level are its arguments.
     """
 
     def __init__(self, unclip: StableUnCLIP, mesh: jax.sharding.Mesh | None = None,
@@ -100,11 +100,12 @@ class UnCLIPSampler:
         if prompt_ids is None:
             prompt_ids = np.repeat(empty, batch, axis=0)
         first_step = beta_start.start_index(config.beta, config.beta_start, config.num_inference_steps)
-        run = _program(self._graphdefs, self.unclip.scheduler, self.unclip.image_noising_scheduler, config,
-                       first_step, self.mesh, self.rules)
+        run = _program(self._graphdefs, self.unclip.scheduler, self.unclip.image_noising_scheduler,
+                       config.num_inference_steps, config.guided, config.beta_start, first_step, self.mesh, self.rules)
         inputs = [self._place(np.asarray(x) if not isinstance(x, jax.Array) else x)
                   for x in (z_v, image_embeds, latent_noise, embedding_noise, prompt_ids)]
-        return run(self._states, *inputs, jnp.asarray(empty))
+        settings = (jnp.float32(config.beta), jnp.float32(config.guidance_scale), jnp.int32(config.noise_level))
+        return run(self._states, *inputs, jnp.asarray(empty), *settings)
 
     def decode(self, z_v) -> jax.Array:
         """The low-level ("blurry") path: the predicted latent ``[batch, h, w, c]`` decoded by the VAE
@@ -123,31 +124,34 @@ def _decode_program(graphdef):
 
 
 @functools.lru_cache(maxsize=16)
-def _program(graphdefs, scheduler, noising_scheduler, config: SamplingConfig, first_step: int, mesh, rules):
-    """The jitted sampler for one config and start step (both shape the program)."""
+def _program(graphdefs, scheduler, noising_scheduler, num_inference_steps: int, guided: bool, reading: str,
+             first_step: int, mesh, rules):
+    """The jitted sampler for what shapes the program; beta, the guidance scale and the noise level
+    are arguments, so a sweep over them compiles once."""
     out_shardings = None if mesh is None else sharding.batch_sharding(mesh, 4, rules)
 
-    def run(states, z_v, image_embeds, latent_noise, embedding_noise, prompt_ids, empty_ids):
+    def run(states, z_v, image_embeds, latent_noise, embedding_noise, prompt_ids, empty_ids, beta, guidance_scale,
+            noise_level):
         unet_model, vae_model, text_encoder, normalizer = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
         context = text_encoder(prompt_ids).last_hidden_state
-        class_labels = noise_image_embeddings(image_embeds.astype(jnp.float32), config.noise_level,
+        class_labels = noise_image_embeddings(image_embeds.astype(jnp.float32), noise_level,
                                               embedding_noise.astype(jnp.float32), normalizer, noising_scheduler)
-        if config.guided:
+        if guided:
             uncond = jnp.broadcast_to(text_encoder(empty_ids).last_hidden_state, context.shape)
             context = jnp.concatenate([uncond, context])
             class_labels = jnp.concatenate([jnp.zeros_like(class_labels), class_labels])
 
-        state = scheduler.init_state(config.num_inference_steps, z_v.shape, jnp.float32)
-        latents = beta_start.start_latents(z_v.astype(jnp.float32), latent_noise.astype(jnp.float32), config.beta,
-                                           config.beta_start, scheduler, state.timesteps, first_step)
+        state = scheduler.init_state(num_inference_steps, z_v.shape, jnp.float32)
+        latents = beta_start.start_latents(z_v.astype(jnp.float32), latent_noise.astype(jnp.float32), beta,
+                                           reading, scheduler, state.timesteps, first_step)
 
         def step(carry, index):
             latents, state = carry
-            model_input = jnp.concatenate([latents, latents]) if config.guided else latents
+            model_input = jnp.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, index)
             prediction = unet_model(model_input, state.timesteps[index], context, class_labels).sample
-            if config.guided:
-                prediction = classifier_free_guidance(prediction, config.guidance_scale)
+            if guided:
+                prediction = classifier_free_guidance(prediction, guidance_scale)
             latents, state = scheduler.step(state, prediction.astype(jnp.float32), index, latents)
             return (latents, state), None
 
