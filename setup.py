@@ -36,6 +36,8 @@ setup(
         "nilearn>=0.11",
         "scipy",
         "matplotlib",
+        # PNG files of the reconstructions (matplotlib already requires it).
+        "pillow",
         "tensorboardX",
         "tqdm",
         "psutil",

@@ -64,6 +64,23 @@ def read_prompts(path: str | Path, names: list[str]) -> dict[tuple[str, str, int
     return prompts
 
 
+METRIC_NETWORKS = ("alexnet", "inception", "clip", "efficientnet", "swav")
+
+
+def parse_metric_networks(text: str | None) -> dict[str, str]:
+    """``"alexnet=DIR,clip=openai/clip-vit-large-patch14"`` -> ``{"alexnet": "DIR", "clip": ...}``."""
+    networks = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, path = item.partition("=")
+        if name.strip() not in METRIC_NETWORKS or not path.strip():
+            raise ValueError(f"--metric_networks item {item!r}: expected NAME=FOLDER with NAME one of "
+                             f"{list(METRIC_NETWORKS)}")
+        networks[name.strip()] = path.strip()
+    return networks
+
+
 def tiny_random_seed(info: dict) -> int:
     """The seed of the tiny random models the run's targets came from (``targets.json``)."""
     match = re.search(r"\(seed (\d+)\)", str(info.get("vae", "")))
@@ -97,30 +114,38 @@ def _batched(fn, arrays: list[np.ndarray | None], batch_size: int) -> np.ndarray
 
 def score_by_subject(score, reconstructions: np.ndarray, stimuli: np.ndarray, subjects: np.ndarray,
                      names: list[str]) -> dict:
-    """``score`` per subject (two-way identification compares a subject's own records), and the mean
-    over the subjects with at least two records."""
-    per_subject = {}
+    """``score`` per subject (two-way identification compares a subject's own records), the mean over
+    the subjects with at least two records, and the metrics ``score`` skipped (no network weights given)."""
+    per_subject, skipped = {}, {}
     for index, name in enumerate(names):
         rows = np.flatnonzero(subjects == index)
         if len(rows) >= 2:
-            per_subject[name] = {"n": int(len(rows)), **score(reconstructions[rows], stimuli[rows])}
+            scores = score(reconstructions[rows], stimuli[rows])
+            skipped = scores.skipped
+            per_subject[name] = {"n": int(len(rows)), **scores}
     if not per_subject:
         raise ValueError("every subject has fewer than 2 records: raise --limit")
     keys = [k for k in next(iter(per_subject.values())) if k != "n"]
     mean = {k: float(np.mean([m[k] for m in per_subject.values()])) for k in keys}
-    return {**mean, "n": int(sum(m["n"] for m in per_subject.values())), "per_subject": per_subject}
+    return {**mean, "n": int(sum(m["n"] for m in per_subject.values())), "per_subject": per_subject,
+            "skipped": skipped}
 
 
 def reconstruct_run(workdir: str | Path, *, unclip: str, out: str | Path, split: str = "test",
                     betas: list[float] = (0.93,), steps: int = 20, guidance: float = 10.0, noise_level: int = 0,
                     beta_start: str = "linear_mix", scheduler: str | None = None, limit: int | None = None,
                     prompts: str | Path | None = None, blurry: bool = False, batch_size: int = 8, seed: int = 0,
-                    grid_rows: int = 16) -> dict:
+                    grid_rows: int = 16, metric_networks: dict[str, str] | None = None) -> dict:
     """Writes the reconstructions and metrics of ``workdir``'s newest checkpoint into ``out``; returns metrics.json's dict."""
-    from nvl_jax.evaluation.reconstruction import score
+    from nvl_jax.evaluation import reconstruction as metrics_lib
     from nvl_jax.reconstruction import SamplingConfig, StableUnCLIP, UnCLIPSampler, brain, outputs, to_uint8
     from nvl_jax.reconstruction import tiny_random
     from nvl_jax.training import loop
+
+    networks = metrics_lib.FeatureNetworks.from_pretrained(**metric_networks) if metric_networks else None
+
+    def score(reconstructions, stimuli):
+        return metrics_lib.score(reconstructions, stimuli, networks=networks)
 
     configs = [SamplingConfig(num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level, beta=b,
                               beta_start=beta_start) for b in betas]
@@ -150,7 +175,7 @@ def reconstruct_run(workdir: str | Path, *, unclip: str, out: str | Path, split:
         "workdir": str(Path(workdir).resolve()), "checkpoint_step": int(step), "unclip": str(components.folder),
         "split": split, "betas": list(betas), "beta_start": beta_start, "steps": steps, "guidance": guidance,
         "noise_level": noise_level, "scheduler": type(components.scheduler).__name__, "limit": limit,
-        "prompts": str(prompts) if prompts else None, "seed": seed}}, {}
+        "prompts": str(prompts) if prompts else None, "seed": seed, "metric_networks": metric_networks or {}}}, {}
     for mode in TEST_MODES:
         predictions = brain.predict(task, model, split, mode, limit)
         stimuli = np.asarray(dataset.images()[predictions.stimulus])
@@ -220,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also decode z_v with the VAE alone (MindEye's low-level 'blurry' path)")
     parser.add_argument("--batch_size", type=int, default=8, help="records per sampling batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--metric_networks",
+                        help="weights of the metrics' feature networks, NAME=FOLDER separated by commas, NAME in "
+                             f"{', '.join(METRIC_NETWORKS)} (docs/reconstruction_metrics.md); the metrics of networks "
+                             "not given are skipped and listed under 'skipped'")
     parser.add_argument("--grid_rows", type=int, default=16, help="records shown in each grid PNG")
     return parser
 
@@ -230,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                               betas=parse_betas(args.beta), steps=args.steps, guidance=args.guidance,
                               noise_level=args.noise_level, beta_start=args.beta_start, scheduler=args.scheduler,
                               limit=args.limit, prompts=args.prompts, blurry=args.blurry,
-                              batch_size=args.batch_size, seed=args.seed, grid_rows=args.grid_rows)
+                              batch_size=args.batch_size, seed=args.seed, grid_rows=args.grid_rows,
+                              metric_networks=parse_metric_networks(args.metric_networks))
     for mode in TEST_MODES:
         for setting, values in metrics[mode].items():
             shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float))

@@ -60,6 +60,8 @@ def test_reconstruct_writes_images_npz_and_metrics(run, tiny_nsd, tmp_path):
         for setting in ("beta=0.9", "beta=1", "blurry"):
             assert {"pixcorr", "ssim", "n", "per_subject"} <= set(metrics[mode][setting])
             assert -1 <= metrics[mode][setting]["pixcorr"] <= 1
+            # No feature-network weights were given: those metrics are named as skipped, not faked.
+            assert "alex2" in metrics[mode][setting]["skipped"] and "alex2" not in metrics[mode][setting]
     # The same noise at both betas: the start (and so the image) differs only through beta.
     assert np.any(saved["multi_trial_beta0.9"] != saved["multi_trial_beta1"])
     assert json.loads((out / "metrics.json").read_text())["settings"]["betas"] == [0.9, 1.0]
@@ -87,6 +89,14 @@ def test_beta_list_and_tiny_random_checks():
     assert reconstruct.tiny_random_seed(info) == 3
     with pytest.raises(ValueError, match="pass that model's unCLIP"):
         reconstruct.tiny_random_seed({"random_init": False, "vae": "stabilityai/stable-diffusion-2-1-unclip-small/vae"})
+
+
+def test_metric_networks_are_named_folders():
+    assert reconstruct.parse_metric_networks("alexnet=/w/alexnet, clip=openai/clip-vit-large-patch14") == {
+        "alexnet": "/w/alexnet", "clip": "openai/clip-vit-large-patch14"}
+    assert reconstruct.parse_metric_networks(None) == {}
+    with pytest.raises(ValueError, match="NAME=FOLDER"):
+        reconstruct.parse_metric_networks("vgg=/w/vgg")
 
 
 def test_noise_is_per_record():

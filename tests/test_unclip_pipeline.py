@@ -213,3 +213,13 @@ def test_tiny_random_unclip_is_a_diffusers_pipeline_folder(tmp_path):
                                  config=SamplingConfig(num_inference_steps=3, guidance_scale=4.0, noise_level=10,
                                                        beta=1.0))
     assert np.abs(np.asarray(actual) - expected).max() < 1e-3
+
+
+def test_bench_reports_both_speedups():
+    """The benchmark at toy sizes (a smoke test: nothing here is timed)."""
+    from nvl_jax.bench import unclip as bench
+
+    report = bench.run(bench.parse_args(["--channels", "32", "64", "--heads", "2", "4", "--text_width", "32",
+                                         "--embed_dim", "16", "--latent_size", "8", "--steps", "2", "--repeats", "1"]))
+    assert report["unet_speedup_vs_torch"] > 0 and report["pipeline_speedup_vs_torch"] > 0
+    assert report["pipeline_max_pixel_diff"] < 1e-3

@@ -91,10 +91,6 @@ def checkpoint_tensors(model: nnx.Module, key_map: hf_loader.KeyMap, renames) ->
     return tensors
 
 
-def _json_ready(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _write(folder: Path, tensors: dict, weights_name: str, config: dict, config_name: str = "config.json") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / weights_name), metadata={"format": "pt"})
@@ -108,8 +104,7 @@ TRANSFORMERS_WEIGHTS = "model.safetensors"
 
 def save_unet(model: unet.UNet2DConditionModel, folder: str | Path) -> Path:
     """A diffusers ``UNet2DConditionModel`` folder."""
-    config = {"_class_name": "UNet2DConditionModel",
-              **{k: _json_ready(v) for k, v in dataclasses.asdict(model.config).items()}}
+    config = {"_class_name": "UNet2DConditionModel", **dataclasses.asdict(model.config)}
     return _write(Path(folder), checkpoint_tensors(model, unet_params.KEY_MAP, UNET_RENAMES), DIFFUSERS_WEIGHTS,
                   config)
 
@@ -118,7 +113,7 @@ def save_vae(model: vae.AutoencoderKL, folder: str | Path) -> Path:
     """A diffusers ``AutoencoderKL`` folder."""
     c = model.config
     n = len(c.block_out_channels)
-    config = {"_class_name": "AutoencoderKL", **{k: _json_ready(v) for k, v in dataclasses.asdict(c).items()},
+    config = {"_class_name": "AutoencoderKL", **dataclasses.asdict(c),
               "down_block_types": [vae_modeling.DOWN_BLOCK] * n, "up_block_types": [vae_modeling.UP_BLOCK] * n}
     return _write(Path(folder), checkpoint_tensors(model, vae_params.KEY_MAP, VAE_RENAMES), DIFFUSERS_WEIGHTS,
                   config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import string
+import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,15 +54,12 @@ def save_tokenizer(folder: Path) -> dict[str, int]:
     from transformers import CLIPTokenizer
 
     vocab = _vocabulary()
-    source = folder / "source"
-    source.mkdir(parents=True, exist_ok=True)
-    (source / "vocab.json").write_text(json.dumps(vocab))
-    (source / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
-    CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt"), pad_token=END,
-                  model_max_length=MAX_LENGTH).save_pretrained(folder)
-    for path in source.iterdir():
-        path.unlink()
-    source.rmdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp)
+        (source / "vocab.json").write_text(json.dumps(vocab))
+        (source / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
+        CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt"), pad_token=END,
+                      model_max_length=MAX_LENGTH).save_pretrained(folder)
     return vocab
 
 
