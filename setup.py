@@ -40,6 +40,8 @@ setup(
         # CLIP preprocessing resizes with Pillow's bicubic, as transformers does.
         "pillow",
         "matplotlib",
+        # PNG files of the reconstructions (matplotlib already requires it).
+        "pillow",
         "tensorboardX",
         "tqdm",
         "psutil",

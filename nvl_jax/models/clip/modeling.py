@@ -1,5 +1,6 @@
 """CLIP's vision and text towers with their projections, as in Hugging Face's
-``CLIPVisionModelWithProjection`` and ``CLIPTextModelWithProjection``.
+``CLIPVisionModelWithProjection`` and ``CLIPTextModelWithProjection``; the text tower
+also without its projection, as ``CLIPTextModel`` (Stable Diffusion 2.x's text encoder).
 
 Both towers are pre-LayerNorm transformers. The vision tower embeds
 non-overlapping patches of a channels-last image, prepends a class token and
@@ -145,14 +146,15 @@ class CLIPVisionOutput:
 
 @struct.dataclass
 class CLIPTextOutput:
-    """``text_embeds [batch, projection_dim]``: the projected, pooled end-of-text token.
+    """``text_embeds [batch, projection_dim]``: the projected, pooled end-of-text token (None
+    for a tower without projection).
     ``last_hidden_state [batch, length, width]``: after ``final_layer_norm``.
     ``pooled_output [batch, width]``: ``last_hidden_state`` at the end-of-text token.
     ``hidden_states``: ``num_hidden_layers + 1`` arrays ``[batch, length, width]``, the
     embeddings then each layer's output (before ``final_layer_norm``); None unless asked for.
     """
 
-    text_embeds: jax.Array
+    text_embeds: jax.Array | None
     last_hidden_state: jax.Array
     pooled_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
@@ -278,9 +280,11 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
 
 
 class CLIPTextModel(nnx.Module):
-    """CLIP's text tower with its projection (``CLIPTextModelWithProjection``)."""
+    """CLIP's text tower with its projection (``CLIPTextModelWithProjection``), or without it
+    (``with_projection=False``: transformers' ``CLIPTextModel``)."""
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: CLIPTextConfig, *, with_projection: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
         """Random parameters (seed 0 unless ``rngs`` is given), stored and computed in ``dtype``."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
@@ -290,8 +294,8 @@ class CLIPTextModel(nnx.Module):
                                         dtype=dtype, rngs=rngs)
         self.layers = _encoder_layers(config, dtype, rngs)
         self.final_layer_norm = LayerNorm(width, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.text_projection = Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
-                                     dtype=dtype, rngs=rngs)
+        self.text_projection = (Dense(width, config.projection_dim, axes=("embed", None), use_bias=False,
+                                      dtype=dtype, rngs=rngs) if with_projection else None)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  output_hidden_states: bool = False) -> CLIPTextOutput:
@@ -310,18 +314,22 @@ class CLIPTextModel(nnx.Module):
         x, hidden_states = _encode(self.layers, x, mask, output_hidden_states)
         x = self.final_layer_norm(x)
         pooled = x[jnp.arange(batch), eos_positions(input_ids, self.config.eos_token_id)]
-        return CLIPTextOutput(text_embeds=self.text_projection(pooled), last_hidden_state=x,
+        text_embeds = self.text_projection(pooled) if self.text_projection is not None else None
+        return CLIPTextOutput(text_embeds=text_embeds, last_hidden_state=x,
                               pooled_output=pooled, hidden_states=hidden_states)
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
                         mesh: jax.sharding.Mesh | None = None,
                         rules: sharding.Rules = sharding.DEFAULT_RULES) -> CLIPTextModel:
-        """Loads a ``CLIPTextModelWithProjection`` or a full ``CLIPModel`` checkpoint."""
+        """Loads a ``CLIPTextModelWithProjection``, a full ``CLIPModel`` or (without projection, as its
+        config's ``architectures`` says) a ``CLIPTextModel`` checkpoint."""
         folder = hf_loader.resolve(path_or_name, subfolder)
-        config = CLIPTextConfig.from_hf_config(hf_loader.read_config(folder))
-        return hf_loader.from_pretrained(lambda: cls(config, dtype=dtype), folder, TEXT_KEY_MAP,
-                                         mesh=mesh, rules=rules)
+        raw = hf_loader.read_config(folder)
+        config = CLIPTextConfig.from_hf_config(raw)
+        with_projection = raw.get("architectures") != ["CLIPTextModel"]
+        return hf_loader.from_pretrained(lambda: cls(config, with_projection=with_projection, dtype=dtype), folder,
+                                         TEXT_KEY_MAP, mesh=mesh, rules=rules)
 
 
 def load_tokenizer(path_or_name: str | os.PathLike, subfolder: str | None = None):

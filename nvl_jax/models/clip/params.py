@@ -25,7 +25,7 @@ def _layer_norm(key: str, path: str) -> list:
 
 
 def _encoder(prefix: str) -> list:
-    layer = rf"{prefix}\.encoder\.layers\.(\d+)\."
+    layer = rf"{prefix}encoder\.layers\.(\d+)\."
     dense = r"(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
     norm = r"(layer_norm[12])"
     return [
@@ -45,19 +45,23 @@ VISION_KEY_MAP = KeyMap(
         (r"vision_model\.embeddings\.patch_embedding\.weight", "patch_embedding.kernel", patch_kernel),
         (r"vision_model\.embeddings\.position_embedding\.weight", "position_embedding.embedding", None),
         *_layer_norm(r"vision_model\.pre_layrnorm", "pre_layrnorm"),
-        *_encoder(r"vision_model"),
+        *_encoder(r"vision_model\."),
         *_layer_norm(r"vision_model\.post_layernorm", "post_layernorm"),
         (r"visual_projection\.weight", "visual_projection.kernel", linear),
     ],
     ignore=[r"text_model\..*", r"text_projection\.weight", r"logit_scale", _BUFFERS],
 )
 
+# transformers 5 saves a bare CLIPTextModel without the ``text_model.`` prefix that older
+# versions (and the published Stable Diffusion text encoders) wrote; both load.
+_TEXT = r"(?:text_model\.)?"
+
 TEXT_KEY_MAP = KeyMap(
     rules=[
-        (r"text_model\.embeddings\.token_embedding\.weight", "token_embedding.embedding", None),
-        (r"text_model\.embeddings\.position_embedding\.weight", "position_embedding.embedding", None),
-        *_encoder(r"text_model"),
-        *_layer_norm(r"text_model\.final_layer_norm", "final_layer_norm"),
+        (_TEXT + r"embeddings\.token_embedding\.weight", "token_embedding.embedding", None),
+        (_TEXT + r"embeddings\.position_embedding\.weight", "position_embedding.embedding", None),
+        *_encoder(_TEXT),
+        *_layer_norm(_TEXT + r"final_layer_norm", "final_layer_norm"),
         (r"text_projection\.weight", "text_projection.kernel", linear),
     ],
     ignore=[r"vision_model\..*", r"visual_projection\.weight", r"logit_scale", _BUFFERS],
