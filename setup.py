@@ -41,7 +41,6 @@ setup(
         "pillow",
         "matplotlib",
         # PNG files of the reconstructions (matplotlib already requires it).
-        "pillow",
         "tensorboardX",
         "tqdm",
         "psutil",
