@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.root = "data/nsd_prepared"  # any prepared dataset, real or in-silico
     config.data.synthetic = ml_collections.ConfigDict()  # empty: never generate; see configs/demo.py
     # The common grid every subject is resampled onto: a subject of the dataset (its native grid,
-    # X, Y, Z as stored) or an explicit (X, Y, Z). subj01's is 81 x 104 x 83; the paper writes it
+    # X, Y, Z as stored) or an explicit "X,Y,Z". subj01's is 81 x 104 x 83; the paper writes it
     # 83 x 104 x 81, h5py's (Z, Y, X) order.
     config.data.common_grid = "subj01"
     config.data.patch_size = variant.patch

@@ -25,11 +25,14 @@ def test_the_reference_subject_is_not_resampled(tiny_nsd):
     np.testing.assert_allclose(resampled, volume, atol=1e-6)
 
 
-def test_an_unknown_reference_subject_is_named(tiny_nsd):
+def test_an_unknown_reference_subject_is_named_and_an_explicit_grid_is_read(tiny_nsd):
     config = tiny_config(tiny_nsd)
+    dataset = experiment.prepare_dataset(config)
     config.data.common_grid = "subj03"
     with pytest.raises(ValueError, match="common_grid = 'subj03': not a subject .* subj01, subj02, subj05, subj07"):
-        experiment.resolve_common_grid(config, experiment.prepare_dataset(config))
+        experiment.resolve_common_grid(config, dataset)
+    config.data.common_grid = "21, 26,20"
+    assert experiment.resolve_common_grid(config, dataset) == (21, 26, 20)
 
 
 def test_nsd_config_resolves_to_subj01s_grid_on_a_full_scale_dataset(tmp_path):

@@ -347,7 +347,7 @@ def test_two_training_steps_read_the_prepared_dataset(prepared, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(f"root={root}")
-    config.data.common_grid = (11, 12, 10)
+    config.data.common_grid = "11,12,10"
     config.data.patch_size = 6
     config.total_steps = 2
     results = loop.train(config, tmp_path / "run")

@@ -97,17 +97,18 @@ def active_patches(dataset: data_format.PreparedDataset, common_grid, patch_size
 
 def resolve_common_grid(config: ml_collections.ConfigDict,
                         dataset: data_format.PreparedDataset) -> tuple[int, int, int]:
-    """``config.data.common_grid``: a subject's name (its native X, Y, Z grid) or an explicit grid."""
+    """``config.data.common_grid``: a subject's name (its native X, Y, Z grid) or an explicit grid
+    ``"X,Y,Z"`` (a string, so that one config field holds either)."""
     grid = config.data.common_grid
-    if isinstance(grid, str):
-        if grid not in dataset.subjects:
-            raise ValueError(f"config.data.common_grid = {grid!r}: not a subject of {dataset.root} "
-                             f"(subjects: {', '.join(dataset.subjects)}); name one, or give (X, Y, Z)")
-        return tuple(int(n) for n in dataset.subjects[grid].native_shape)
-    grid = tuple(int(n) for n in grid)
-    if len(grid) != 3 or min(grid) < 1:
-        raise ValueError(f"config.data.common_grid = {grid}: expected a subject name or (X, Y, Z) > 0")
-    return grid
+    if re.fullmatch(r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", grid):
+        shape = tuple(int(n) for n in grid.split(","))
+        if min(shape) < 1:
+            raise ValueError(f"config.data.common_grid = {grid!r}: every axis must be > 0")
+        return shape
+    if grid not in dataset.subjects:
+        raise ValueError(f"config.data.common_grid = {grid!r}: not a subject of {dataset.root} (subjects: "
+                         f"{', '.join(dataset.subjects)}); name one, or give the grid as \"X,Y,Z\"")
+    return tuple(int(n) for n in dataset.subjects[grid].native_shape)
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
