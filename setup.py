@@ -62,9 +62,9 @@ setup(
             "pycocoevalcap>=1.2",
             # Llama-3's BPE ranks (language.llama3_tokenizer).
             "quicktok-v1",
-            # Independent references for the reconstruction metrics: pytorchcv's model modules
-            # import only torch (torchvision does not import next to the CPU torch).
-            "pytorchcv",
+            # The SSIM reference; the feature networks' reference, pytorchcv, installs apart with
+            # --no-deps: it requires torchvision, which does not import next to the CPU torch and
+            # then breaks transformers' image processors. Its model modules import only torch.
             "scikit-image",
         ],
         # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE); they run Java (>= 8) as well. The
