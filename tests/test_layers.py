@@ -89,6 +89,18 @@ def test_jvp_works_with_the_hand_written_passes_off():
         layers.set_custom_backward(previous)
 
 
+def test_a_dense_layer_opted_out_takes_autodiff_in_every_mode():
+    dense = layers.Dense(6, 5, axes=("embed", "mlp"), custom_backward=False, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    x, tangent = (rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2))
+    previous = layers.set_custom_backward("on")
+    try:  # forward mode works: no custom_vjp was traced
+        _, directional = jax.jit(lambda x, t: jax.jvp(lambda x: dense(x).sum(), (x,), (t,)))(x, tangent)
+    finally:
+        layers.set_custom_backward(previous)
+    np.testing.assert_allclose(float(directional), float((tangent @ dense.kernel[...]).sum()), rtol=1e-5)
+
+
 def test_auto_takes_the_hand_written_passes_on_cpu_only(from_environment, monkeypatch):
     monkeypatch.delenv(layers.CUSTOM_BACKWARD_ENV, raising=False)
     assert layers.custom_backward_mode() == "auto"

@@ -176,3 +176,24 @@ def test_export_is_read_back_by_transformers_with_the_same_logits(tmp_path):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)).logits), expected, rtol=1e-5, atol=1e-5)
     reloaded = LlamaForCausalLM.from_pretrained(folder)
     assert reloaded.config == config
+
+
+def test_projections_train_with_autodiff_even_when_the_hand_written_passes_are_on():
+    from nvl_jax.models import layers
+
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
+    graphdef, params = nnx.split(LlamaForCausalLM(config, rngs=nnx.Rngs(4)))
+    ids = jnp.asarray([[1, 5, 9, 17]])
+
+    def mean_logit(params):
+        return nnx.merge(graphdef, params)(ids).logits.mean()
+
+    previous = layers.set_custom_backward("on")
+    try:  # forward mode needs every matmul free of custom_vjp
+        _, directional = jax.jvp(mean_logit, (params,), (params,))
+        gradient = jax.grad(mean_logit)(params)
+    finally:
+        layers.set_custom_backward(previous)
+    expected = sum(jnp.vdot(g, p) for g, p in zip(jax.tree.leaves(gradient), jax.tree.leaves(params)))
+    np.testing.assert_allclose(float(directional), float(expected), rtol=1e-4)

@@ -125,16 +125,18 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 class Dense(nnx.Module):
     """``y = x @ kernel + bias``; kernel ``[in_features, out_features]``. With ``use_custom_backward()``
-    the kernel's gradient is one ``x^T g`` matmul over ``[batch * tokens, in]`` (``_matmul``)."""
+    the kernel's gradient is one ``x^T g`` matmul over ``[batch * tokens, in]`` (``_matmul``), unless
+    the model opts out (``custom_backward=False``: autodiff whatever the mode)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 custom_backward: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros, (out_features,), dtype, (axes[-1],)) if use_bias else None
+        self.custom_backward = custom_backward
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x.dtype)
-        y = _matmul(x, kernel) if use_custom_backward() else x @ kernel
+        y = _matmul(x, kernel) if self.custom_backward and use_custom_backward() else x @ kernel
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
