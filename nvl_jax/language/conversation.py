@@ -20,9 +20,8 @@ import dataclasses
 import numpy as np
 
 from nvl_jax.language.formats import ChatTemplateFormat, Segment, TemplateFormat, get_format
-
-IMAGE_TOKEN_INDEX = -200  # as LLaVA: the placeholder's id in input_ids, never embedded
-IGNORE_INDEX = -100  # as LLaVA and PyTorch's cross entropy: a label outside the loss
+# LLaVA's ids, owned by the model whose merge consumes them: the image placeholder, a label outside the loss.
+from nvl_jax.models.brain_lm.merge import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 
 def check_remat(policy: str) -> None:
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat {policy!r} is not one of {REMAT_POLICIES}")
+        raise ValueError(f"remat {policy!r} is not one of {REMAT_POLICIES} (remat={policy!r} was given)")
 
 
 def remat(fn: Callable, policy: str) -> Callable:

@@ -3,6 +3,6 @@ KV-cache generation (``generation``) and tokenizers from a checkpoint folder or 
 
 from nvl_jax.models.llama import generation
 from nvl_jax.models.llama.modeling import (
-    REMAT_POLICIES, CausalLMOutput, LlamaConfig, LlamaForCausalLM, LlamaModel, RopeConfig,
+    CausalLMOutput, LlamaConfig, LlamaForCausalLM, LlamaModel, RopeConfig,
 )
 from nvl_jax.models.llama.tokenizer import load_tokenizer, tokenizer_from_gguf

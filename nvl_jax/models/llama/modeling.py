@@ -25,8 +25,9 @@ from flax import nnx
 
 from nvl_jax import sharding as sharding_lib
 from nvl_jax.models import gguf_io, hf_loader
-from nvl_jax.models.llama import generation
+from nvl_jax.models import layers
 from nvl_jax.models.layers import Dense, Embed, RMSNorm, activation
+from nvl_jax.models.llama import generation
 from nvl_jax.models.llama.params import gguf_key_map, key_map
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -37,17 +38,6 @@ QUERY_AXES = ("activation_batch", "activation_length", "activation_heads", "acti
 KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
-
-# Per decoder layer, what the backward pass keeps of the forward pass (jax.checkpoint policies):
-# "none" keeps everything (no remat), "full" only the layer's input, "dots_saveable" also every
-# matmul's output, "dots_with_no_batch_dims_saveable" those of the weight matmuls (not attention's).
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -330,12 +320,6 @@ class LlamaDecoderLayer(nnx.Module):
         return sharding_lib.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES), kv
 
 
-def _check_remat(remat: str) -> str:
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
-    return remat
-
-
 def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
     return layer(x, cos, sin, mask)[0]
 
@@ -343,7 +327,7 @@ def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
 class LlamaModel(nnx.Module):
     """Token embedding, decoder layers and the final norm (transformers' ``model.*``).
 
-    ``remat`` names a policy of :data:`REMAT_POLICIES`, applied to each decoder layer when
+    ``remat`` names a policy of ``layers.REMAT_POLICIES``, applied to each decoder layer when
     there is no KV cache (training); it changes memory and compute, never the values.
     """
 
@@ -352,7 +336,8 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.rope, self.head_dim = config.rope, config.head_dim
-        self.remat = _check_remat(remat)
+        layers.check_remat(remat)
+        self.remat = remat
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None, position_ids: jax.Array | None,
                  cache: generation.KVCache | None):
@@ -373,7 +358,7 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(self.rope.inv_freq(self.head_dim), position_ids, x.dtype)
         x = sharding_lib.constrain(x, HIDDEN_AXES)
         if cache is None and self.remat != "none":
-            remat_layer = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat])
+            remat_layer = layers.remat(_run_layer, self.remat)
             for layer in self.layers:
                 x = remat_layer(layer, x, cos, sin, mask)
             return self.norm(x), None
@@ -409,7 +394,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
                  remat: str = "none"):
         """Random parameters (seed 0 unless ``rngs`` is given), stored and computed in ``dtype``.
-        ``remat``: the decoder layers' rematerialization policy, a key of :data:`REMAT_POLICIES`."""
+        ``remat``: the decoder layers' rematerialization policy, one of ``layers.REMAT_POLICIES``."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = config, dtype
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs, remat=remat)
