@@ -25,6 +25,7 @@ def test_bench_stage2_prints_the_json_report_and_both_sides_agree():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("train_step_speedup_vs_torch", "train_step_matmul_peak_fraction", "prefixed_decode_speedup_vs_torch",
+                "train_step_speedup_vs_torch_best", "prefixed_decode_speedup_vs_torch_best",
                 "step_seconds_jax", "step_seconds_torch", "decode_tokens_per_s_jax", "decode_tokens_per_s_torch",
                 "matmul_flops_per_s", "step_flops_xla_cost_analysis", "load_average_before", "device",
                 "jax_version", "torch_version"):
