@@ -25,7 +25,8 @@ compute in float32. Each runs in its own process, as its users run it: ours unde
 ``runtime.keep_freed_memory`` (as ``python -m nvl_jax.train``), PyTorch under glibc's defaults
 with ``torch.set_num_threads(os.cpu_count())`` (``--torch_threads``). Figures are medians of
 ``--repeats`` runs after one untimed warm-up, the two processes taking turns so that a busy
-machine slows both alike. The load average before and after is reported, and the ratios of the
+machine slows both alike, each timed run after ``SETTLE_SECONDS`` idle (so that the other side's
+threads have stopped spinning). The load average before and after is reported, and the ratios of the
 best runs next to those of the medians: on a loaded machine PyTorch's eager threads stall far
 more than XLA's. Decoding runs first, then training, so both first losses are those of the same
 step-0 weights. Prints one JSON object.
@@ -60,6 +61,7 @@ from nvl_jax.models.brain_lm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from nvl_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeConfig
 
 PROJECTOR_FILE = "projector.safetensors"
+SETTLE_SECONDS = 1.0  # idle time before each timed run
 
 
 def llama_config(sizes: dict) -> LlamaConfig:
@@ -328,6 +330,8 @@ def _taking_turns(sides: dict[str, _Side], what: str, repeats: int) -> dict[str,
     replies = {name: [] for name in sides}
     for _ in range(repeats):
         for name, side in sides.items():
+            # The other side's thread pool may still be spinning for work it will not get: let it sleep.
+            time.sleep(SETTLE_SECONDS)
             replies[name].append(side.run(what))
     return {name: {"first": first[name], "seconds": statistics.median(r["seconds"] for r in runs),
                    "best": min(r["seconds"] for r in runs),

@@ -231,7 +231,7 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    bucket: int = 32,
+    bucket: int = 8,
     check_every: int = 8,
 ) -> GenerationOutput:
     """Continues a batch of prompts with a ``LlamaForCausalLM``-like model.
