@@ -162,7 +162,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # HLO element types name their width (f32, bf16, s4, f8e4m3fn, c64), except these two.
 _UNSIZED_TYPE_BITS = {"pred": 8, "token": 0}
 # "%name = SHAPE op(" where SHAPE is one array type or a tuple of them. An async pair counts once,
@@ -176,20 +176,24 @@ def _element_bits(dtype: str, line: str) -> int:
         return _UNSIZED_TYPE_BITS[dtype]
     width = re.match(r"[a-z]+(\d+)", dtype)
     if width is None:
-        raise ValueError(f"collective_bytes: HLO element type {dtype!r} names no width, in: {line.strip()}")
+        raise ValueError(f"collectives: HLO element type {dtype!r} names no width, in: {line.strip()}")
     return int(width[1])
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes each kind of collective produces per device in a compiled module's HLO text
-    (``jax.jit(f).lower(...).compile().as_text()``): ``{kind: bytes}`` for every kind of
-    :data:`COLLECTIVES`, summed over the ops' result shapes (per-device shapes, after SPMD
-    partitioning)."""
-    totals = dict.fromkeys(COLLECTIVES, 0)
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """The collectives of a compiled module's HLO text (``jax.jit(f).lower(...).compile().as_text()``):
+    ``{kind: {"count": ops, "bytes": bytes}}`` for every kind of :data:`COLLECTIVES`.
+
+    Bytes are those of each op's result on one device (per-device shapes, after SPMD
+    partitioning): an all-gather's gathered array, a reduce-scatter's scattered part.
+    """
+    found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for line in hlo_text.splitlines():
         match = _COLLECTIVE_OP.search(line)
         if match is None:
             continue
+        entry = found[match["op"]]
+        entry["count"] += 1
         for dtype, dims in _ARRAY_TYPE.findall(match["shape"]):
-            totals[match["op"]] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
-    return totals
+            entry["bytes"] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
+    return found
