@@ -49,6 +49,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+# Logical names of activations start with this; the rest name parameter and input dimensions.
+ACTIVATION_PREFIX = "activation_"
 
 
 def make_mesh(
@@ -139,14 +141,21 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, PartitionSpec(mesh_axes, *([None] * (ndim - 1))))
 
 
+def without_activation_rules(rules: Rules) -> tuple[tuple[str, str | Sequence[str] | None], ...]:
+    """``rules`` less the entries of activation names (``activation_*``): the weights and batches keep
+    their layout, and every activation is left to XLA's sharding propagation."""
+    return tuple((name, axes) for name, axes in rules if not name.startswith(ACTIVATION_PREFIX))
+
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Pins activation ``x`` to the sharding its logical axis names map to on the current mesh.
 
-    The mesh is the one ``jax.set_mesh`` set, the rules those of ``nnx.logical_axis_rules``
-    (else :data:`DEFAULT_RULES`). Without a mesh it returns ``x`` unchanged, so single-device
-    code traces as before. A dimension whose name the rules do not list is left to XLA
-    (unconstrained): a rules table written before activations had names changes nothing.
+    The mesh is the one ``jax.set_mesh`` (or, while tracing, ``jax.sharding.use_abstract_mesh``)
+    set, the rules those of ``nnx.logical_axis_rules`` (else :data:`DEFAULT_RULES`); the trainer's
+    step sets both (``nvl_jax.training.steps``). Without a mesh it returns ``x`` unchanged, so
+    single-device code traces as before. A dimension whose name the rules do not list is left to
+    XLA (unconstrained), and an array none of whose names they list is returned unchanged: rules
+    without activation names (:func:`without_activation_rules`) switch the constraints off.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -156,6 +165,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
                          "build it with nvl_jax.sharding.make_mesh")
     rules = spmd.get_logical_axis_rules() or DEFAULT_RULES
     table = dict(rules)
+    if not any(name in table for name in logical_axes):
+        return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
     spec = PartitionSpec(*(axes if name in table else PartitionSpec.UNCONSTRAINED
                            for name, axes in zip(logical_axes, spec, strict=True)))
