@@ -49,6 +49,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+# Logical names of activations start with this; the rest name parameter and input dimensions.
+ACTIVATION_PREFIX = "activation_"
 
 
 def make_mesh(
@@ -139,14 +141,21 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, PartitionSpec(mesh_axes, *([None] * (ndim - 1))))
 
 
+def without_activation_rules(rules: Rules) -> tuple[tuple[str, str | Sequence[str] | None], ...]:
+    """``rules`` less the entries of activation names (``activation_*``): the weights and batches keep
+    their layout, and every activation is left to XLA's sharding propagation."""
+    return tuple((name, axes) for name, axes in rules if not name.startswith(ACTIVATION_PREFIX))
+
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Pins activation ``x`` to the sharding its logical axis names map to on the current mesh.
 
-    The mesh is the one ``jax.set_mesh`` set, the rules those of ``nnx.logical_axis_rules``
-    (else :data:`DEFAULT_RULES`). Without a mesh it returns ``x`` unchanged, so single-device
-    code traces as before. A dimension whose name the rules do not list is left to XLA
-    (unconstrained): a rules table written before activations had names changes nothing.
+    The mesh is the one ``jax.set_mesh`` (or, while tracing, ``jax.sharding.use_abstract_mesh``)
+    set, the rules those of ``nnx.logical_axis_rules`` (else :data:`DEFAULT_RULES`); the trainer's
+    step sets both (``nvl_jax.training.steps``). Without a mesh it returns ``x`` unchanged, so
+    single-device code traces as before. A dimension whose name the rules do not list is left to
+    XLA (unconstrained), and an array none of whose names they list is returned unchanged: rules
+    without activation names (:func:`without_activation_rules`) switch the constraints off.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -156,13 +165,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
                          "build it with nvl_jax.sharding.make_mesh")
     rules = spmd.get_logical_axis_rules() or DEFAULT_RULES
     table = dict(rules)
+    if not any(name in table for name in logical_axes):
+        return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
     spec = PartitionSpec(*(axes if name in table else PartitionSpec.UNCONSTRAINED
                            for name, axes in zip(logical_axes, spec, strict=True)))
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # HLO element types name their width (f32, bf16, s4, f8e4m3fn, c64), except these two.
 _UNSIZED_TYPE_BITS = {"pred": 8, "token": 0}
 # "%name = SHAPE op(" where SHAPE is one array type or a tuple of them. An async pair counts once,
@@ -176,20 +187,24 @@ def _element_bits(dtype: str, line: str) -> int:
         return _UNSIZED_TYPE_BITS[dtype]
     width = re.match(r"[a-z]+(\d+)", dtype)
     if width is None:
-        raise ValueError(f"collective_bytes: HLO element type {dtype!r} names no width, in: {line.strip()}")
+        raise ValueError(f"collectives: HLO element type {dtype!r} names no width, in: {line.strip()}")
     return int(width[1])
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes each kind of collective produces per device in a compiled module's HLO text
-    (``jax.jit(f).lower(...).compile().as_text()``): ``{kind: bytes}`` for every kind of
-    :data:`COLLECTIVES`, summed over the ops' result shapes (per-device shapes, after SPMD
-    partitioning)."""
-    totals = dict.fromkeys(COLLECTIVES, 0)
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """The collectives of a compiled module's HLO text (``jax.jit(f).lower(...).compile().as_text()``):
+    ``{kind: {"count": ops, "bytes": bytes}}`` for every kind of :data:`COLLECTIVES`.
+
+    Bytes are those of each op's result on one device (per-device shapes, after SPMD
+    partitioning): an all-gather's gathered array, a reduce-scatter's scattered part.
+    """
+    found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for line in hlo_text.splitlines():
         match = _COLLECTIVE_OP.search(line)
         if match is None:
             continue
+        entry = found[match["op"]]
+        entry["count"] += 1
         for dtype, dims in _ARRAY_TYPE.findall(match["shape"]):
-            totals[match["op"]] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
-    return totals
+            entry["bytes"] += math.prod(int(d) for d in dims.split(",") if d) * _element_bits(dtype, line) // 8
+    return found

@@ -62,24 +62,6 @@ def test_the_llm_traces_no_constraint_without_a_mesh():
         assert "sharding_constraint" in str(jax.make_jaxpr(forward)(state, ids))
 
 
-def test_collective_bytes_reads_sync_and_async_collectives():
-    hlo = """
-  %all-gather.1 = f32[8,64]{1,0} all-gather(f32[2,64]{1,0} %p0), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
-  %ag2 = (pred[8]{0}, f8e4m3fn[4]{0}) all-gather(pred[2]{0} %m, f8e4m3fn[1]{0} %n), dimensions={0}
-  %ars = f32[16]{0} all-reduce-start(f32[16]{0} %p1), channel_id=2, to_apply=%add
-  %ard = f32[16]{0} all-reduce-done(f32[16]{0} %ars)
-  %ar2 = (bf16[4,4]{1,0}, s32[2]{0}) all-reduce(bf16[4,4]{1,0} %a, s32[2]{0} %b), channel_id=3, to_apply=%add
-  %rs = f32[2,64]{1,0} reduce-scatter(f32[8,64]{1,0} %p0), channel_id=4, dimensions={0}, to_apply=%add
-  %a2a = (f32[1,2]{1,0}, f32[1,2]{1,0}) all-to-all(f32[1,2]{1,0} %x, f32[1,2]{1,0} %y), channel_id=5
-  %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(f32[4]{0} %z), source_target_pairs={{0,1}}
-  %cpd = f32[4]{0} collective-permute-done((f32[4]{0}, f32[4]{0}, u32[], u32[]) %cps)
-  %add.3 = f32[8,64]{1,0} add(f32[8,64]{1,0} %all-gather.1, f32[8,64]{1,0} %all-gather.1)
-"""
-    assert sharding.collective_bytes(hlo) == {
-        "all-gather": 8 * 64 * 4 + 8 + 4, "all-reduce": 16 * 4 + 4 * 4 * 2 + 2 * 4, "reduce-scatter": 2 * 64 * 4,
-        "all-to-all": 2 * 2 * 4, "collective-permute": 4 * 4}
-
-
 def test_constraints_move_fewer_bytes_on_an_fsdp_tensor_mesh_and_keep_the_values():
     """Unconstrained, XLA's propagation splits activations along the sequence over the tensor axis
     and gathers them back (all-gathers and all-to-alls of whole activations); constrained, the
@@ -97,8 +79,8 @@ def test_constraints_move_fewer_bytes_on_an_fsdp_tensor_mesh_and_keep_the_values
     with jax.set_mesh(mesh):
         constrained = step.lower(sharded_state, sharded_ids).compile()
         loss, grads = constrained(sharded_state, sharded_ids)
-    before = sharding.collective_bytes(unconstrained.as_text())
-    after = sharding.collective_bytes(constrained.as_text())
+    before = {kind: c["bytes"] for kind, c in sharding.collectives(unconstrained.as_text()).items()}
+    after = {kind: c["bytes"] for kind, c in sharding.collectives(constrained.as_text()).items()}
     print(f"collective bytes per device, unconstrained {before}, constrained {after}")
     assert sum(after.values()) < sum(before.values())
     assert after["all-gather"] <= before["all-gather"] and after["all-to-all"] <= before["all-to-all"]
@@ -117,6 +99,22 @@ def test_sequence_parallel_rules_keep_the_logits():
     with jax.set_mesh(mesh), nnx.logical_axis_rules((*sharding.DEFAULT_RULES, ("activation_length", "tensor"))):
         got = forward(state, jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(model(jnp.asarray(ids)).logits), atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_on_a_tensor_parallel_mesh_under_the_rules():
+    """The KV-cache path traces the same constraints (one-token decode steps included) and decodes as
+    one device does."""
+    model = LlamaForCausalLM(CONFIG)
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    want = model.generate(prompts, max_new_tokens=4).sequences
+    mesh = sharding.make_mesh((1, 2, 4))
+    graphdef, state = nnx.split(model)
+    shardings = jax.tree.map(lambda v: v.replace(value=sharding.variable_sharding(v, mesh)), state,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+    sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        got = sharded.generate(prompts, max_new_tokens=4).sequences
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])

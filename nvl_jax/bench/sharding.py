@@ -8,6 +8,10 @@ all-to-all, collective-permute: how many, and the bytes of their results per dev
 median time of a step on the devices at hand. Virtual CPU devices (``--devices``) give relative
 figures only; an accelerator host gives real ones. Prints a table; ``--json`` writes the rows.
 Which logical axis goes to which mesh axis is ``config.sharding_rules`` (docs/sharding.md).
+
+``--activation_constraints=both`` measures each mesh twice: with the rules' activation names
+(the LLM pins its activations, ``sharding.constrain``) and without them (XLA propagates the
+activations' layout from the weights' alone), the before and after of activation sharding.
 """
 
 from __future__ import annotations
@@ -17,35 +21,8 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-                "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-# "%name = SHAPE op(" with op a collective, possibly split into -start / -done (async).
-_INSTRUCTION = re.compile(r"=\s+(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """``{op: {"count": n, "bytes": b}}`` of the collectives in an optimized HLO module's text.
-
-    Bytes are those of each op's result on one device (an all-gather's gathered array, a
-    reduce-scatter's scattered part); an async ``-start`` op counts its last tuple element, the
-    result, and its ``-done`` is not counted again.
-    """
-    found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.search(line)
-        if not match:
-            continue
-        arrays = _ARRAY.findall(match["shape"])
-        if match["start"]:
-            arrays = arrays[-1:]
-        size = sum(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])) for dtype, dims in arrays)
-        found[match["op"]]["count"] += 1
-        found[match["op"]]["bytes"] += size
-    return found
+from nvl_jax import sharding
 
 
 def _step_seconds(task, compiled_step, repeats: int) -> float:
@@ -66,36 +43,45 @@ def _step_seconds(task, compiled_step, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def measure(config, mesh_shape: tuple[int, int, int], repeats: int = 3) -> dict:
-    """One row: ``mesh``, ``bytes`` (``plan_memory``'s per-device figures), ``collectives`` and ``step_s``."""
+def measure(config, mesh_shape: tuple[int, int, int], repeats: int = 3, activation_constraints: bool = True) -> dict:
+    """One row: ``mesh``, ``activation_constraints``, ``bytes`` (``plan_memory``'s per-device figures),
+    ``collectives`` (``sharding.collectives``) and ``step_s``.
+
+    ``activation_constraints=False`` drops the activation names from ``config.sharding_rules``, so the
+    model's ``sharding.constrain`` calls leave every activation to XLA's propagation.
+    """
     from nvl_jax import plan as plan_lib
     from nvl_jax.training import tasks
 
     config = config.copy_and_resolve_references()
     config.mesh_shape = tuple(mesh_shape)
+    if not activation_constraints:
+        config.sharding_rules = sharding.without_activation_rules(config.sharding_rules)
     task = tasks.get(config)
     compiled_step = plan_lib.compile_train_step(task)
     memory = plan_lib.plan_memory(task, step=compiled_step)
-    return {"mesh": tuple(mesh_shape), "bytes": memory["bytes"],
-            "collectives": collectives(compiled_step.compiled.as_text()),
+    return {"mesh": tuple(mesh_shape), "activation_constraints": activation_constraints, "bytes": memory["bytes"],
+            "collectives": sharding.collectives(compiled_step.compiled.as_text()),
             "step_s": _step_seconds(task, compiled_step, repeats) if repeats else None}
 
 
 def format_table(rows: list[dict], platform: str) -> str:
-    """A Markdown table: one line per mesh."""
+    """A Markdown table: one line per row (a mesh, with or without activation constraints)."""
     from nvl_jax.plan import human_bytes
 
     names = {"all-gather": "all-gather", "reduce-scatter": "reduce-scatter", "all-reduce": "all-reduce",
              "all-to-all": "all-to-all", "collective-permute": "permute"}
-    header = (["mesh (data,fsdp,tensor)", "peak/device", "params+opt/device", "temp/device"]
-              + [f"{names[op]} n / bytes" for op in COLLECTIVES] + [f"step ({platform})"])
+    header = (["mesh (data,fsdp,tensor)", "activation constraints", "peak/device", "params+opt/device",
+               "temp/device"] + [f"{names[op]} n / bytes" for op in sharding.COLLECTIVES]
+              + ["collective bytes", f"step ({platform})"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         b = row["bytes"]
-        cells = [str(row["mesh"]).replace(" ", ""), human_bytes(b["peak"]), human_bytes(b["params"] + b["opt_state"]),
-                 human_bytes(b["temp"])]
+        cells = [str(row["mesh"]).replace(" ", ""), "on" if row["activation_constraints"] else "off",
+                 human_bytes(b["peak"]), human_bytes(b["params"] + b["opt_state"]), human_bytes(b["temp"])]
         cells += [f"{c['count']} / {human_bytes(c['bytes'])}" if c["count"] else "-"
-                  for c in (row["collectives"][op] for op in COLLECTIVES)]
+                  for c in (row["collectives"][op] for op in sharding.COLLECTIVES)]
+        cells.append(human_bytes(sum(c["bytes"] for c in row["collectives"].values())))
         cells.append(f"{row['step_s'] * 1e3:.1f} ms" if row["step_s"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -122,10 +108,12 @@ def _main(argv) -> None:
     if FLAGS.devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+    settings = {"on": (True,), "off": (False,), "both": (False, True)}[FLAGS.activation_constraints]
     rows = []
     for mesh in parse_meshes(FLAGS.meshes):
-        rows.append(measure(FLAGS.config, mesh, FLAGS.repeats))
-        print(f"{mesh}: done", flush=True)
+        for constrained in settings:
+            rows.append(measure(FLAGS.config, mesh, FLAGS.repeats, activation_constraints=constrained))
+            print(f"{mesh}, activation constraints {'on' if constrained else 'off'}: done", flush=True)
     print(format_table(rows, jax.devices()[0].platform))
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(rows, indent=2))
@@ -143,6 +131,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("meshes", "(8,1,1) (1,8,1) (2,2,2) (1,2,4)", "(data,fsdp,tensor) meshes, space-separated")
     flags.DEFINE_integer("devices", None, "run on this many virtual CPU devices (default: the devices at hand)",
                          lower_bound=1)
+    flags.DEFINE_enum("activation_constraints", "on", ["on", "off", "both"],
+                      "on: the config's rules; off: its rules without the activation names (activation_*), "
+                      "so XLA propagates the activations' layout itself; both: one row of each per mesh")
     flags.DEFINE_integer("repeats", 3, "timed steps per mesh (after one warm-up); 0 skips timing", lower_bound=0)
     flags.DEFINE_string("json", None, "also write the rows as JSON to this file")
     FLAGS = flags.FLAGS

@@ -11,16 +11,23 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from nvl_jax.training.state import StateLayout
 from nvl_jax.training.task import Task
 
 
 def make_loss_fn(task: Task, layout: StateLayout):
-    """``loss_fn(params, frozen, batch, constants, dropout_key) -> (loss, metrics)``: what training differentiates."""
+    """``loss_fn(params, frozen, batch, constants, dropout_key) -> (loss, metrics)``: what training differentiates.
+
+    It traces the task's loss under the task's mesh and logical-axis rules, so that a model's
+    activation constraints (``sharding.constrain``) take effect; they change the layout, never
+    the values. ``task.config.sharding_rules`` without activation names leaves them to XLA.
+    """
 
     def loss_fn(params, frozen, batch, constants, dropout_key):
-        return task.loss(layout.merge(params, frozen), batch, constants, dropout_key)
+        with jax.sharding.use_abstract_mesh(task.mesh.abstract_mesh), nnx.logical_axis_rules(task.rules):
+            return task.loss(layout.merge(params, frozen), batch, constants, dropout_key)
 
     return loss_fn
 
