@@ -27,7 +27,7 @@ from nvl_jax.data import language_pipeline
 from nvl_jax.evaluation import brain_captions
 from nvl_jax.language import llm as llm_lib
 from nvl_jax.models import brain_lm
-from nvl_jax.training import loop, run_config
+from nvl_jax.training import experiment, loop, run_config
 from nvl_jax.training import task as task_lib
 from nvl_jax.training.checkpointing import Checkpointer
 from nvl_jax.training.tasks import stage1
@@ -53,15 +53,18 @@ def ensure_stage1(config: ml_collections.ConfigDict) -> None:
 
 
 def ensure_instructions(dataset, config: ml_collections.ConfigDict) -> None:
-    """Builds the dataset's instruction data on first use when the config allows it (in-silico demos)."""
-    if dataset.has_instructions():
-        return
-    if not config.data.build_instructions:
+    """Builds the dataset's instruction data on first use when the config allows it (in-silico demos):
+    process 0 writes it, every process waits for it."""
+    if not dataset.has_instructions() and not config.data.build_instructions:
         raise FileNotFoundError(f"{dataset.root / 'instructions'}: no instruction data. Build it with: python -m "
                                 f"nvl_jax.data.instructions --data {dataset.root} [--llava FILE]")
-    from nvl_jax.data import instructions
 
-    stage1.experiment._on_first_process(lambda: instructions.write(dataset.root, seed=config.seed))
+    def build_instructions():
+        from nvl_jax.data import instructions
+
+        instructions.write(dataset.root, seed=config.seed)
+
+    experiment.on_first_process(build_instructions, done=dataset.has_instructions)
 
 
 class Task(task_lib.Task):
