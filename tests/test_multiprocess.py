@@ -7,7 +7,7 @@ Proven for each stage: each process reads only its share of the training records
 those of one process on 8 devices with the same global batch; a checkpoint the two processes wrote
 into their shared folder resumes exactly in two processes and in one. Stage 2 also builds the
 dataset's instruction data on first use (process 0 writes, the other waits) and evaluates at the
-end: both processes caption and score the test set, process 0 writes eval_captions.json.
+end: both processes caption, process 0 alone scores into eval_captions.json, which both report.
 """
 
 import json
@@ -223,10 +223,11 @@ def test_stage2_in_two_processes_reads_its_shares_trains_like_one_and_resumes_in
     assert not (data / "instructions").exists()
     (output,) = _finish(_start(2, config_flag, two))
     assert (data / "instructions" / "instructions.json").is_file()
-    # Both processes captioned and scored the test set; process 0 wrote the results.
+    # Both processes captioned; process 0 alone scored and wrote the results, which process 1 read back.
     results = json.loads((two / "eval_captions.json").read_text())
     assert results.keys() == {"multi_trial", "single_trial"}
     assert all(mode.keys() == {"brain", "shuffled", "prior"} for mode in results.values())
+    assert "PTBTokenizer" in output and "[process 1] PTBTokenizer" not in output
     assert "[process 1] multi_trial: brain CIDEr" in output
     assert len((two / "captions_test_brief.jsonl").read_text().splitlines()) == 16  # 8 records per test mode
 

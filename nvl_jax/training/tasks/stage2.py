@@ -15,7 +15,6 @@ answer tokens.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import jax
@@ -157,10 +156,7 @@ class Task(task_lib.Task):
     def evaluate(self, model, workdir: Path) -> dict:
         """Brief captions of every test stimulus from its brain tokens, against two baselines:
         ``workdir/eval_captions.json`` and ``workdir/captions_test_brief.jsonl``."""
-        results = brain_captions.evaluate(self, model, Path(workdir))
-        if jax.process_index() == 0:
-            (Path(workdir) / "eval_captions.json").write_text(json.dumps(results, indent=2))
-        return results
+        return brain_captions.evaluate(self, model, Path(workdir))
 
     def describe(self, results: dict) -> str:
         lines = []
