@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from nvl_jax.data import instruction_templates, language_pipeline, pipeline
@@ -148,24 +149,29 @@ def metrics(dataset, rows: list[dict], scene_objects) -> dict[str, float]:
 
 
 def evaluate(task, model, workdir: Path) -> dict:
-    """``{mode: {"brain": {...}, "shuffled": {...}, "prior": {...}}}`` for both test modes; the brain
-    captions go to ``workdir/captions_test_brief.jsonl``."""
-    dataset = task.dataset
-    scene_objects = _scene_objects(dataset)
-    prior = prior_caption(dataset)
-    results, lines = {}, []
+    """``{mode: {"brain": {...}, "shuffled": {...}, "prior": {...}}}`` for both test modes, written to
+    ``workdir/eval_captions.json``; the brain captions go to ``workdir/captions_test_brief.jsonl``.
+
+    Every process of a job generates (the model's arrays span them all); process 0 alone scores, so
+    pycocoevalcap's Java runs once per job, not once per host, and the others read its results.
+    """
     limit = task.config.eval.limit or None
-    for mode in pipeline.TEST_MODES:
-        brain = generate(task, model, mode, limit=limit)
-        shuffled = generate(task, model, mode, shuffled=True, limit=limit)
-        lines += brain
-        results[mode] = {"brain": metrics(dataset, brain, scene_objects),
-                         "shuffled": metrics(dataset, shuffled, scene_objects),
-                         "prior": metrics(dataset, [{**r, "caption": prior} for r in brain], scene_objects)}
+    captions = {mode: (generate(task, model, mode, limit=limit),
+                       generate(task, model, mode, shuffled=True, limit=limit)) for mode in pipeline.TEST_MODES}
+    path = workdir / "eval_captions.json"
     if jax.process_index() == 0:
+        dataset = task.dataset
+        scene_objects, prior = _scene_objects(dataset), prior_caption(dataset)
+        results = {mode: {"brain": metrics(dataset, brain, scene_objects),
+                          "shuffled": metrics(dataset, shuffled, scene_objects),
+                          "prior": metrics(dataset, [{**r, "caption": prior} for r in brain], scene_objects)}
+                   for mode, (brain, shuffled) in captions.items()}
         with open(workdir / "captions_test_brief.jsonl", "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-    return results
+            f.writelines(json.dumps(row) + "\n" for brain, _ in captions.values() for row in brain)
+        path.write_text(json.dumps(results, indent=2))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("eval_captions.json written")
+    return json.loads(path.read_text())
 
 
 def caption_run(workdir: str | Path, *, split: str = "test", task_kind: str = "brief", out: str | Path | None = None,

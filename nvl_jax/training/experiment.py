@@ -39,45 +39,48 @@ PREPARE_HINT = (
     "--coco_annotations COCO --out {root}. For an in-silico NSD: python -m nvl_jax.data.synthetic --out {root}")
 
 
-def _on_first_process(fn) -> None:
-    """Runs ``fn`` on process 0 only, the others waiting: a shared filesystem is written once."""
-    if jax.process_index() == 0:
-        fn()
+def on_first_process(write, done) -> None:
+    """Runs ``write()`` on process 0 unless ``done()`` finds its output there, the others waiting:
+    a shared filesystem is written once.
+
+    Every process calls it, whatever it sees on disk, and only process 0 asks ``done()``: a process
+    that skipped the barrier because process 0 had already written would leave the others waiting.
+    """
+    if jax.process_index() == 0 and not done():
+        write()
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(fn.__name__)
+        multihost_utils.sync_global_devices(write.__name__)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> data_format.PreparedDataset:
     """Opens ``config.data.root``; creates it (and its targets) first when the config says how."""
     root = Path(config.data.root)
-    if not (root / "dataset.json").exists():
-        if not config.data.get("synthetic"):
-            raise FileNotFoundError(f"{root}: no prepared dataset (dataset.json missing). "
-                                    + PREPARE_HINT.format(root=root))
+    if not (root / "dataset.json").exists() and not config.data.get("synthetic"):
+        raise FileNotFoundError(f"{root}: no prepared dataset (dataset.json missing). "
+                                + PREPARE_HINT.format(root=root))
 
-        def generate_in_silico_nsd():
-            from nvl_jax.data import synthetic
-            print(f"{root}: no dataset yet; generating in-silico NSD there (first use)")
-            synthetic.generate(root, synthetic.SyntheticConfig(**config.data.synthetic.to_dict()))
+    def generate_in_silico_nsd():
+        from nvl_jax.data import synthetic
+        print(f"{root}: no dataset yet; generating in-silico NSD there (first use)")
+        synthetic.generate(root, synthetic.SyntheticConfig(**config.data.synthetic.to_dict()))
 
-        _on_first_process(generate_in_silico_nsd)
+    on_first_process(generate_in_silico_nsd, done=(root / "dataset.json").exists)
     dataset = data_format.PreparedDataset.open(root)
-    if not dataset.has_targets():
-        if not config.targets.random_init and not (config.targets.clip and config.targets.vae):
-            raise FileNotFoundError(
-                f"{root / 'targets'}: no cached targets. Compute them with: python -m nvl_jax.data.targets "
-                f"--data {root} --clip openai/clip-vit-large-patch14 --vae stabilityai/stable-diffusion-2-1-unclip-small "
-                "--vae_subfolder vae")
+    had_targets = dataset.has_targets()
+    if not had_targets and not config.targets.random_init and not (config.targets.clip and config.targets.vae):
+        raise FileNotFoundError(
+            f"{root / 'targets'}: no cached targets. Compute them with: python -m nvl_jax.data.targets "
+            f"--data {root} --clip openai/clip-vit-large-patch14 --vae stabilityai/stable-diffusion-2-1-unclip-small "
+            "--vae_subfolder vae")
 
-        def cache_targets():
-            targets_lib.cache_targets(root, clip_name=config.targets.clip, vae_name=config.targets.vae,
-                                      vae_subfolder=config.targets.vae_subfolder or None,
-                                      image_size=config.targets.image_size, random_init=config.targets.random_init,
-                                      seed=config.seed)
+    def cache_targets():
+        targets_lib.cache_targets(root, clip_name=config.targets.clip, vae_name=config.targets.vae,
+                                  vae_subfolder=config.targets.vae_subfolder or None,
+                                  image_size=config.targets.image_size, random_init=config.targets.random_init,
+                                  seed=config.seed)
 
-        _on_first_process(cache_targets)
-        dataset = data_format.PreparedDataset.open(root)
-    return dataset
+    on_first_process(cache_targets, done=dataset.has_targets)
+    return dataset if had_targets else data_format.PreparedDataset.open(root)
 
 
 def active_patches(dataset: data_format.PreparedDataset, common_grid, patch_size: int) -> np.ndarray:
@@ -90,8 +93,7 @@ def active_patches(dataset: data_format.PreparedDataset, common_grid, patch_size
         path.parent.mkdir(exist_ok=True)
         np.save(path, volumes.active_patches(union, patch_size))
 
-    if not path.exists():
-        _on_first_process(compute_active_patches)
+    on_first_process(compute_active_patches, done=path.exists)
     return np.load(path)
 
 

@@ -15,7 +15,6 @@ answer tokens.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import jax
@@ -27,7 +26,7 @@ from nvl_jax.data import language_pipeline
 from nvl_jax.evaluation import brain_captions
 from nvl_jax.language import llm as llm_lib
 from nvl_jax.models import brain_lm
-from nvl_jax.training import loop, run_config
+from nvl_jax.training import experiment, loop, run_config
 from nvl_jax.training import task as task_lib
 from nvl_jax.training.checkpointing import Checkpointer
 from nvl_jax.training.tasks import stage1
@@ -53,15 +52,18 @@ def ensure_stage1(config: ml_collections.ConfigDict) -> None:
 
 
 def ensure_instructions(dataset, config: ml_collections.ConfigDict) -> None:
-    """Builds the dataset's instruction data on first use when the config allows it (in-silico demos)."""
-    if dataset.has_instructions():
-        return
-    if not config.data.build_instructions:
+    """Builds the dataset's instruction data on first use when the config allows it (in-silico demos):
+    process 0 writes it, every process waits for it."""
+    if not dataset.has_instructions() and not config.data.build_instructions:
         raise FileNotFoundError(f"{dataset.root / 'instructions'}: no instruction data. Build it with: python -m "
                                 f"nvl_jax.data.instructions --data {dataset.root} [--llava FILE]")
-    from nvl_jax.data import instructions
 
-    stage1.experiment._on_first_process(lambda: instructions.write(dataset.root, seed=config.seed))
+    def build_instructions():
+        from nvl_jax.data import instructions
+
+        instructions.write(dataset.root, seed=config.seed)
+
+    experiment.on_first_process(build_instructions, done=dataset.has_instructions)
 
 
 class Task(task_lib.Task):
@@ -154,10 +156,7 @@ class Task(task_lib.Task):
     def evaluate(self, model, workdir: Path) -> dict:
         """Brief captions of every test stimulus from its brain tokens, against two baselines:
         ``workdir/eval_captions.json`` and ``workdir/captions_test_brief.jsonl``."""
-        results = brain_captions.evaluate(self, model, Path(workdir))
-        if jax.process_index() == 0:
-            (Path(workdir) / "eval_captions.json").write_text(json.dumps(results, indent=2))
-        return results
+        return brain_captions.evaluate(self, model, Path(workdir))
 
     def describe(self, results: dict) -> str:
         lines = []
