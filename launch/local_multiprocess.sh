@@ -56,9 +56,17 @@ for (( i = 0; i < NUM_PROCESSES; i++ )); do
   pids+=("$!")
 done
 
+# Wait for whichever process ends first; a failure stops the rest (they would wait for it forever
+# in the next collective). Finished processes leave the list: bash's `wait -n` complains of a PID
+# it has already reaped.
 status=0
-for (( remaining = NUM_PROCESSES; remaining > 0; remaining-- )); do
-  wait -n "${pids[@]}" || { status=$?; stop_all; break; }
+running=("${pids[@]}")
+while (( ${#running[@]} )); do
+  finished=""
+  wait -n -p finished "${running[@]}" || { status=$?; stop_all; break; }
+  left=()
+  for pid in "${running[@]}"; do [[ "${pid}" == "${finished}" ]] || left+=("${pid}"); done
+  running=("${left[@]+"${left[@]}"}")
 done
 wait "${pids[@]}" 2>/dev/null || true
 exit "${status}"

@@ -266,3 +266,25 @@ def test_every_process_waits_at_a_first_use_barrier_whatever_it_sees_on_disk(mon
         experiment.on_first_process(build_instructions, done=lambda written=written: written)
     assert writes == [0]
     assert barriers == ["build_instructions"] * 4
+
+
+# Stands for the interpreter: process 1 fails at once, the others would run for a minute.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ "$1" == "-c" ]]; then exec "$REAL_PYTHON" "$@"; fi
+for arg in "$@"; do case "$arg" in --process_id=*) id="${arg#--process_id=}";; esac; done
+echo "process $id started"
+if [[ "$id" == 1 ]]; then exit 3; fi
+sleep 60
+"""
+
+
+def test_the_launcher_stops_the_job_when_one_process_fails(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "3", "--", "--config=x"],
+                         env=dict(env, DEVICES="6"), capture_output=True, text=True, timeout=30)
+    assert run.returncode == 3, run.stderr
+    assert "no such job" not in run.stderr and "not a child" not in run.stderr
+    assert "process 0 started" in run.stdout and "[process 2] process 2 started" in run.stdout
