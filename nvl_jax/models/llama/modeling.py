@@ -197,12 +197,18 @@ class LlamaConfig:
         )
 
     @classmethod
-    def llama3_8b(cls) -> LlamaConfig:
-        """meta-llama/Meta-Llama-3-8B-Instruct; it ends a turn with <|eot_id|> (128009)."""
+    def llama3_8b(cls, instruct: bool = True) -> LlamaConfig:
+        """meta-llama/Meta-Llama-3-8B-Instruct, or Meta-Llama-3-8B with ``instruct=False``.
+
+        The values are those of the two repositories' config.json on the Hugging Face hub (identical
+        but for eos_token_id); the Instruct model's generation_config.json ends generation at
+        <|end_of_text|> (128001) and <|eot_id|> (128009), the base model's at 128001 alone.
+        """
         return cls(
             vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
             num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
-            max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=(128001, 128009),
+            max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
+            eos_token_ids=(128001, 128009) if instruct else (128001,),
         )
 
     @classmethod
@@ -213,6 +219,23 @@ class LlamaConfig:
             num_kv_heads=40, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
             max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
         )
+
+    @classmethod
+    def published(cls, name: str) -> LlamaConfig:
+        """The architecture of a published checkpoint by its hub name (``PUBLISHED``), without the hub."""
+        if name not in PUBLISHED:
+            raise ValueError(f"{name!r}: no published architecture of that name is known here "
+                             f"(known: {', '.join(sorted(PUBLISHED))}); give a local folder or .gguf file")
+        return PUBLISHED[name]()
+
+
+# Architectures of published checkpoints by hub name, so a run can be planned before its weights are at
+# hand (python -m nvl_jax.plan --from_config).
+PUBLISHED = {
+    "meta-llama/Meta-Llama-3-8B": lambda: LlamaConfig.llama3_8b(instruct=False),
+    "meta-llama/Meta-Llama-3-8B-Instruct": LlamaConfig.llama3_8b,
+    "lmsys/vicuna-13b-v1.5": LlamaConfig.vicuna_13b,
+}
 
 
 def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
