@@ -212,7 +212,8 @@ def test_llm_remat_changes_planned_memory_not_the_loss(tmp_path):
     assert figures["full"]["activations"] < 0.2 * figures["none"]["activations"]
     assert figures["full"]["params"] == figures["none"]["params"]
 
-    # The same loss and gradients, with the LLM's layers recomputed in the backward pass.
+    # The same loss and gradients, with the LLM's layers recomputed in the backward pass; with LoRA,
+    # whose adapters are differentiated and the base kernels not.
     extractor = ViT3DConfig.tiny()
     coords = jnp.array([[0, 0, 0], [1, 2, 1], [0, 1, 1]])
     patches = jax.random.normal(jax.random.key(0), (2, 3, extractor.patch_dim))
@@ -221,14 +222,16 @@ def test_llm_remat_changes_planned_memory_not_the_loss(tmp_path):
     labels = jnp.where(jnp.arange(6) >= 3, ids, IGNORE_INDEX)
 
     def loss_and_grads(remat):
-        config = brain_lm.BrainLMConfig(extractor=extractor, llm=TINY_LLM, llm_remat=remat)
-        graphdef, state = nnx.split(brain_lm.BrainLanguageModel(config, rngs=nnx.Rngs(0)))
+        config = brain_lm.BrainLMConfig(extractor=extractor, llm=TINY_LLM, llm_remat=remat,
+                                        lora=brain_lm.LoRAConfig(rank=4))
+        trainable = nnx.Any(brain_lm.lora.LoRAParam, nnx.PathContains("projector"))
+        graphdef, params, frozen = nnx.split(brain_lm.BrainLanguageModel(config, rngs=nnx.Rngs(0)), trainable, ...)
 
-        def loss(state):
-            output = nnx.merge(graphdef, state)(patches, coords, ids, mask, labels)
+        def loss(params):
+            output = nnx.merge(graphdef, params, frozen)(patches, coords, ids, mask, labels)
             return brain_lm.next_token_loss(output.logits, output.labels)[0]
 
-        return jax.jit(jax.value_and_grad(loss))(state)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
     (expected, expected_grads), (loss, grads) = loss_and_grads("none"), loss_and_grads("full")
     np.testing.assert_allclose(loss, expected, rtol=1e-6)

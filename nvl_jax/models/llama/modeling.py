@@ -14,6 +14,7 @@ that made SmolLM2-135M's train step a third faster (``python -m nvl_jax.bench.st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -343,8 +344,8 @@ class LlamaDecoderLayer(nnx.Module):
         return sharding_lib.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES), kv
 
 
-def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
+def _run_layer(graphdef: nnx.GraphDef, treedef, leaves: list[jax.Array], x, cos, sin, mask):
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, cos, sin, mask)[0]
 
 
 class LlamaModel(nnx.Module):
@@ -381,9 +382,13 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(self.rope.inv_freq(self.head_dim), position_ids, x.dtype)
         x = sharding_lib.constrain(x, HIDDEN_AXES)
         if cache is None and self.remat != "none":
-            remat_layer = layers.remat(_run_layer, self.remat)
+            # Each layer goes in as plain arrays, not as a module: nnx.remat would write the module's
+            # variables back, which fails when some are differentiated and others not (LoRA).
             for layer in self.layers:
-                x = remat_layer(layer, x, cos, sin, mask)
+                graphdef, state = nnx.split(layer)
+                leaves, treedef = jax.tree.flatten(state)
+                run = layers.remat(functools.partial(_run_layer, graphdef, treedef), self.remat)
+                x = run(leaves, x, cos, sin, mask)
             return self.norm(x), None
         new_kv = []
         for layer, kv in zip(self.layers, kv_cache, strict=True):
