@@ -2,7 +2,7 @@
 
     python -m nvl_jax.plan --config=configs/demo.py --mesh "(1,8,1)" --devices 8 --device_memory_gb 80
     # before any data, checkpoint or weights exist (a task's for_planning: stage 2)
-    python -m nvl_jax.plan --config=configs/nsd_language.py:stage=2b --from_config \
+    python -m nvl_jax.plan --config=configs/nsd_language.py:stage=2b --from_config \\
         --stage1_config=configs/nsd.py --mesh "(1,8,1)" --devices 8
 
 The train step of any task (``config.task``) is compiled ahead of time on a mesh of ``--devices``
