@@ -34,6 +34,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.llm = ml_collections.ConfigDict()
     config.llm.checkpoint = "meta-llama/Meta-Llama-3-8B-Instruct"  # a folder, hub name or .gguf file
     config.llm.dtype = "bfloat16"
+    # What each decoder layer keeps for the backward pass: "none", "full" (recompute the layer) or a
+    # jax.checkpoint_policies name (nvl_jax.models.layers.REMAT_POLICIES). Off by default: recomputing
+    # costs about a third more compute per step, worth paying only where the step does not fit
+    # otherwise; python -m nvl_jax.plan --from_config shows which (docs/sharding.md).
+    config.llm.remat = "none"
 
     config.train = ml_collections.ConfigDict()
     config.train.llm = "frozen" if variant.stage == "2a" else variant.llm  # frozen | full | lora

@@ -1,6 +1,9 @@
 """The memory planner: does a config's train step fit a device, on a mesh you may not have?
 
     python -m nvl_jax.plan --config=configs/demo.py --mesh "(1,8,1)" --devices 8 --device_memory_gb 80
+    # before any data, checkpoint or weights exist (a task's for_planning: stage 2)
+    python -m nvl_jax.plan --config=configs/nsd_language.py:stage=2b --from_config \\
+        --stage1_config=configs/nsd.py --mesh "(1,8,1)" --devices 8
 
 The train step of any task (``config.task``) is compiled ahead of time on a mesh of ``--devices``
 virtual CPU devices (or the devices at hand) from abstract arrays: ``jax.ShapeDtypeStruct``s that
@@ -11,13 +14,15 @@ planned too, and those that fit are named.
 
 CPU figures count what an accelerator holds (every argument, output and temporary buffer); an
 accelerator's compiler fuses differently, so treat them as estimates within some tens of percent
-there. ``plan_memory`` is the function behind the command.
+there. The command compiles with XLA CPU's memory-minimizing scheduler (``CPU_MEMORY_SCHEDULER``),
+as accelerators schedule within their memory; XLA CPU's default one hides what remat saves. ``plan_memory`` is the function behind the command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -27,6 +32,7 @@ from nvl_jax.training import loop, steps
 from nvl_jax.training.task import Task
 
 GB = 1e9
+CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def _shard_bytes(shape, dtype, sharding) -> int:
@@ -196,19 +202,44 @@ def parse_mesh(text: str) -> tuple[int, ...]:
     return shape
 
 
-def alternatives(config) -> list[tuple[str, dict]]:
-    """Changes worth planning when a config does not fit: a remat policy and a fully sharded mesh.
+# The remat fields of the tasks' configs: stage 1's ViT3D blocks, stage 2's LLM decoder layers.
+REMAT_FIELDS = ("model.remat", "llm.remat")
+
+
+def _get(config, field: str):
+    """``config``'s value at a dotted ``field``, None where it has none."""
+    node = config
+    for name in field.split("."):
+        if name not in node:
+            return None
+        node = node[name]
+    return node
+
+
+def _remat_fields(config) -> list[str]:
+    return [f for f in REMAT_FIELDS if _get(config, f) is not None]
+
+
+def alternatives(config, devices: int | None = None) -> list[tuple[str, dict]]:
+    """Changes worth planning when a config does not fit: a remat policy (in every remat field the
+    config has, ``REMAT_FIELDS``) and a fully sharded mesh, unless the config has it already
+    (``devices`` resolves a -1 in ``config.mesh_shape``).
 
     Each is ``(description, {dotted config field: value})``.
     """
-    remat = config.model.get("remat") if "model" in config else None
-    policies = [p for p in ("dots_with_no_batch_dims_saveable", "full") if remat is not None and remat != p]
+    fields = _remat_fields(config)
+    current = {_get(config, f) for f in fields}
+    policies = [p for p in ("dots_with_no_batch_dims_saveable", "full") if fields and current != {p}]
     fsdp = (1, -1, 1)
-    meshes = [None] if tuple(config.mesh_shape) == fsdp else [None, fsdp]
+    mesh = tuple(config.mesh_shape)
+    if devices and -1 in mesh:
+        mesh = tuple(devices // -math.prod(mesh) if n == -1 else n for n in mesh)
+    fully_sharded = mesh == fsdp or mesh == (1, devices, 1)
     out = []
-    for mesh in meshes:
+    for new_mesh in [None] if fully_sharded else [None, fsdp]:
         for policy in [None, *policies]:
-            change = {**({"mesh_shape": mesh} if mesh else {}), **({"model.remat": policy} if policy else {})}
+            change = {**({"mesh_shape": new_mesh} if new_mesh else {}),
+                      **({f: policy for f in fields} if policy else {})}
             if change:
                 out.append((", ".join(f"--config.{k}={v}" for k, v in change.items()), change))
     return out
@@ -235,22 +266,36 @@ def _main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Before JAX starts its backend. XLA CPU's default scheduler favours concurrency over memory and
+    # then keeps every decoder layer's recomputed activations alive together: remat saved nothing in
+    # its temp (measured on Llama-3-8B cut to 2 and 4 layers). Accelerators' compilers schedule
+    # within their memory, as this one does.
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), CPU_MEMORY_SCHEDULER]).strip()
     if FLAGS.devices:
         # Before JAX starts its backend: that many virtual CPU devices, whatever the host has.
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+    if FLAGS.stage1_config is not None and not FLAGS.from_config:
+        raise app.UsageError("--stage1_config plans stage 2 from the config alone: give --from_config too")
     config = FLAGS.config
     if FLAGS.mesh:
         config.mesh_shape = parse_mesh(FLAGS.mesh)
     title = FLAGS["config"].config_filename
-    plan = plan_memory(tasks.get(config), device_memory_gb=FLAGS.device_memory_gb)
+
+    def plan_config(config) -> dict:
+        if FLAGS.from_config:
+            task, batch, constants = tasks.for_planning(config, upstream=FLAGS.stage1_config)
+            return plan_memory(task, batch=batch, constants=constants, device_memory_gb=FLAGS.device_memory_gb)
+        return plan_memory(tasks.get(config), device_memory_gb=FLAGS.device_memory_gb)
+
+    plan = plan_config(config)
     print(format_plan(plan, title))
     plan["suggestions"] = []
     if not plan["fits"]:
         print("other settings:")
-        for description, change in alternatives(config):
+        for description, change in alternatives(config, jax.device_count()):
             try:
-                other = plan_memory(tasks.get(_apply(config, change)), device_memory_gb=FLAGS.device_memory_gb)
+                other = plan_config(_apply(config, change))
             except ValueError as error:  # a batch that does not split over that mesh
                 print(f"  {description}: not possible ({error})")
                 continue
@@ -259,7 +304,8 @@ def _main(argv) -> None:
             print(f"  {description}: peak {human_bytes(other['bytes']['peak'])} per device, "
                   f"{'fits' if other['fits'] else 'does not fit'}")
         if not any(s["fits"] for s in plan["suggestions"]):
-            print("  none of these fits: more devices, a smaller batch or bfloat16 (--config.model.compute_dtype)")
+            print("  none of these fits: more devices, a smaller batch or bfloat16 (--config.model.compute_dtype, "
+                  "--config.llm.dtype)")
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(plan, indent=2))
 
@@ -274,6 +320,13 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "ml_collections config file with an optional "
                                     "variant; any field settable as --config.FIELD=VALUE "
                                     "(e.g. --config.model.remat=full)")
+    flags.DEFINE_bool("from_config", False, "plan from the config alone, before any data, checkpoint or weights "
+                      "exist (the task's for_planning; stage 2: the LLM's architecture from its config.json or "
+                      "a published one by hub name, the extractor from the stage-1 run or --stage1_config, every "
+                      "patch of its grid counted as active)")
+    config_flags.DEFINE_config_file("stage1_config", None, "with --from_config, for stage 2 when "
+                                    "config.stage1_workdir holds no run: the extractor's stage-1 config file with "
+                                    "an optional variant, e.g. configs/nsd.py (default: config.stage1_config)")
     flags.DEFINE_string("mesh", None, "(data,fsdp,tensor) to plan, e.g. \"(1,8,1)\"; default: config.mesh_shape")
     flags.DEFINE_integer("devices", None, "plan on this many virtual CPU devices (default: the devices at hand)",
                          lower_bound=1)

@@ -55,6 +55,17 @@ class Task(abc.ABC):
 
         return state_lib.random_init(self.build_model, self.trainable(), layout)
 
+    @classmethod
+    def for_planning(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                     upstream: ml_collections.ConfigDict | None = None) -> tuple[Task, dict[str, Any], Any]:
+        """``(task, batch, constants)`` from ``config`` alone, to plan memory before the data, checkpoints
+        or weights exist (``python -m nvl_jax.plan --from_config``): a task whose train step is this
+        one's (it need not train or evaluate), the global batch and the constants as
+        ``jax.ShapeDtypeStruct``s. ``upstream``: the config of the run this task builds on, where that
+        run is not on disk. Tasks whose shapes come from their data do not override it."""
+        raise NotImplementedError(f"config.task = {config.task!r}: the {cls.name} task takes its shapes from its "
+                                  "data; plan it with its data (python -m nvl_jax.plan without --from_config)")
+
     # ---- the data ----------------------------------------------------------------------------
     @abc.abstractmethod
     def batch_ndims(self) -> dict[str, int]:

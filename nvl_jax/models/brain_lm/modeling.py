@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nvl_jax.models import llama, vit3d
+from nvl_jax.models import layers, llama, vit3d
 from nvl_jax.models.brain_lm.merge import IGNORE_INDEX, IMAGE_TOKEN_INDEX, merge_brain_tokens, text_ids
 from nvl_jax.models.brain_lm.projector import Projector
 
@@ -32,15 +32,20 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BrainLMConfig:
+    """``llm_remat``: what each LLM decoder layer keeps for the backward pass, one of
+    ``layers.REMAT_POLICIES`` (the extractor's is ``extractor.remat``)."""
+
     extractor: vit3d.ViT3DConfig
     llm: llama.LlamaConfig
     lora: LoRAConfig = LoRAConfig()
     image_token_id: int = IMAGE_TOKEN_INDEX
+    llm_remat: str = "none"
 
     def __post_init__(self):
         if self.extractor.depth < 2:
             raise ValueError(f"brain tokens are the penultimate layer's: the extractor needs depth >= 2, "
                              f"got {self.extractor.depth}")
+        layers.check_remat(self.llm_remat)
 
 
 @dataclasses.dataclass
@@ -58,13 +63,18 @@ class BrainLanguageModel(nnx.Module):
     def __init__(self, config: BrainLMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  encoder: vit3d.ViT3D | None = None, llm: llama.LlamaForCausalLM | None = None):
         """Random parts, or the given ``encoder`` (a trained stage-1 ViT3D) and ``llm`` (a pretrained LLM,
-        without adapters: LoRA is applied here); the projector always starts random."""
+        without adapters: LoRA is applied here, built with ``config.llm_remat``); the projector always
+        starts random."""
         from nvl_jax.models.brain_lm import lora
 
+        if llm is not None and llm.model.remat != config.llm_remat:
+            raise ValueError(f"the given LLM was built with remat {llm.model.remat!r}, the config asks for "
+                             f"llm_remat {config.llm_remat!r}: load it with remat={config.llm_remat!r}")
         self.config = config
         self.encoder = encoder if encoder is not None else vit3d.ViT3D(config.extractor, rngs=rngs)
         self.projector = Projector(config.extractor.width, config.llm.hidden_size, dtype=dtype, rngs=rngs)
-        self.llm = llm if llm is not None else llama.LlamaForCausalLM(config.llm, dtype=dtype, rngs=rngs)
+        self.llm = llm if llm is not None else llama.LlamaForCausalLM(config.llm, dtype=dtype, rngs=rngs,
+                                                                      remat=config.llm_remat)
         if config.lora.rank:
             lora.apply_lora(self.llm, config.lora.rank, config.lora.alpha, config.lora.targets, rngs=rngs)
 

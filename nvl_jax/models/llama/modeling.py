@@ -14,6 +14,7 @@ that made SmolLM2-135M's train step a third faster (``python -m nvl_jax.bench.st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -197,12 +198,18 @@ class LlamaConfig:
         )
 
     @classmethod
-    def llama3_8b(cls) -> LlamaConfig:
-        """meta-llama/Meta-Llama-3-8B-Instruct; it ends a turn with <|eot_id|> (128009)."""
+    def llama3_8b(cls, instruct: bool = True) -> LlamaConfig:
+        """meta-llama/Meta-Llama-3-8B-Instruct, or Meta-Llama-3-8B with ``instruct=False``.
+
+        The values are those of the two repositories' config.json on the Hugging Face hub (identical
+        but for eos_token_id); the Instruct model's generation_config.json ends generation at
+        <|end_of_text|> (128001) and <|eot_id|> (128009), the base model's at 128001 alone.
+        """
         return cls(
             vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
             num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
-            max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=(128001, 128009),
+            max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
+            eos_token_ids=(128001, 128009) if instruct else (128001,),
         )
 
     @classmethod
@@ -213,6 +220,23 @@ class LlamaConfig:
             num_kv_heads=40, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
             max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
         )
+
+    @classmethod
+    def published(cls, name: str) -> LlamaConfig:
+        """The architecture of a published checkpoint by its hub name (``PUBLISHED``), without the hub."""
+        if name not in PUBLISHED:
+            raise ValueError(f"{name!r}: no published architecture of that name is known here "
+                             f"(known: {', '.join(sorted(PUBLISHED))}); give a local folder or .gguf file")
+        return PUBLISHED[name]()
+
+
+# Architectures of published checkpoints by hub name, so a run can be planned before its weights are at
+# hand (python -m nvl_jax.plan --from_config).
+PUBLISHED = {
+    "meta-llama/Meta-Llama-3-8B": lambda: LlamaConfig.llama3_8b(instruct=False),
+    "meta-llama/Meta-Llama-3-8B-Instruct": LlamaConfig.llama3_8b,
+    "lmsys/vicuna-13b-v1.5": LlamaConfig.vicuna_13b,
+}
 
 
 def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
@@ -320,8 +344,8 @@ class LlamaDecoderLayer(nnx.Module):
         return sharding_lib.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES), kv
 
 
-def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
+def _run_layer(graphdef: nnx.GraphDef, treedef, leaves: list[jax.Array], x, cos, sin, mask):
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, cos, sin, mask)[0]
 
 
 class LlamaModel(nnx.Module):
@@ -358,9 +382,13 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(self.rope.inv_freq(self.head_dim), position_ids, x.dtype)
         x = sharding_lib.constrain(x, HIDDEN_AXES)
         if cache is None and self.remat != "none":
-            remat_layer = layers.remat(_run_layer, self.remat)
+            # Each layer goes in as plain arrays, not as a module: nnx.remat would write the module's
+            # variables back, which fails when some are differentiated and others not (LoRA).
             for layer in self.layers:
-                x = remat_layer(layer, x, cos, sin, mask)
+                graphdef, state = nnx.split(layer)
+                leaves, treedef = jax.tree.flatten(state)
+                run = layers.remat(functools.partial(_run_layer, graphdef, treedef), self.remat)
+                x = run(leaves, x, cos, sin, mask)
             return self.norm(x), None
         new_kv = []
         for layer, kv in zip(self.layers, kv_cache, strict=True):
