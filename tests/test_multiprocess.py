@@ -268,13 +268,17 @@ def test_every_process_waits_at_a_first_use_barrier_whatever_it_sees_on_disk(mon
     assert barriers == ["build_instructions"] * 4
 
 
-# Stands for the interpreter: process 1 fails at once, the others would run for a minute.
+# Stands for the interpreter: process 1 fails once the others have started, they would run a minute.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "$1" == "-c" ]]; then exec "$REAL_PYTHON" "$@"; fi
 for arg in "$@"; do case "$arg" in --process_id=*) id="${arg#--process_id=}";; esac; done
 echo "process $id started"
-if [[ "$id" == 1 ]]; then exit 3; fi
-sleep 60
+touch "$MARKS/$id"
+if [[ "$id" == 1 ]]; then
+  for _ in $(seq 200); do [[ -e "$MARKS/0" && -e "$MARKS/2" ]] && break; sleep 0.1; done
+  exit 3
+fi
+exec sleep 60  # the launcher's kill must reach the process that holds the output pipe
 """
 
 
@@ -282,7 +286,8 @@ def test_the_launcher_stops_the_job_when_one_process_fails(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable)
+    (tmp_path / "marks").mkdir()
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, MARKS=str(tmp_path / "marks"))
     run = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "3", "--", "--config=x"],
                          env=dict(env, DEVICES="6"), capture_output=True, text=True, timeout=30)
     assert run.returncode == 3, run.stderr

@@ -187,6 +187,15 @@ def test_a_run_folder_describes_itself_and_refuses_a_resume_that_changes_shapes(
     assert (tmp_path / "checkpoints" / "4").is_dir()
 
 
+def test_a_run_folder_older_than_a_field_resumes_when_the_field_keeps_its_old_meaning():
+    saved = {"model": {"depth": 2}, "sharding_rules": [["embed", "fsdp"]]}
+    same = {"model": {"depth": 2, "remat": "none"}, "sharding_rules": [["embed", "fsdp"], ["activation_batch", "data"]]}
+    assert run_config.changed_fields(saved, same) == ["sharding_rules"]
+    assert "sharding_rules" in run_config.MAY_CHANGE
+    assert run_config.changed_fields(saved, {**same, "model": {"depth": 2, "remat": "full"}}) == [
+        "model.remat", "sharding_rules"]
+
+
 def test_evaluate_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: missing"):
         loop.evaluate_run(tmp_path)

@@ -140,12 +140,14 @@ class ProjectedLM(nnx.Module):
 
 
 class BrainPrefixTask:
-    """What ``steps.make_train_step`` asks of a task (``config.seed``, ``batch_shardings``, ``loss``) for
+    """What ``steps.make_train_step`` asks of a task (``config.seed``, ``mesh``, ``rules``, ``batch_shardings``,
+    ``loss``) for
     a batch of ``brain_tokens [batch, N, brain_width]`` and text ``input_ids``, ``attention_mask``,
     ``labels`` ``[batch, 1 + answer_tokens]``, each row's ``<image>`` placeholder first."""
 
     def __init__(self, mesh: jax.sharding.Mesh, seed: int):
         self.mesh, self.config = mesh, ml_collections.ConfigDict({"seed": seed})
+        self.rules = sharding_lib.DEFAULT_RULES
 
     def batch_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
         ndims = {"brain_tokens": 3, "input_ids": 2, "attention_mask": 2, "labels": 2}

@@ -19,9 +19,13 @@ from nvl_jax.data import format as data_format
 
 FILENAME = "config.json"
 
-# Fields a resumed run may change: none alters a shape, the data or the task.
+# Fields a resumed run may change: none alters a shape, the data or the task. The sharding rules
+# only lay the same arrays out differently (the checkpoint is restored onto the new layout).
 MAY_CHANGE = ("total_steps", "epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-              "data.worker_count", "eval.batch_size", "eval.limit", "eval.max_new_tokens")
+              "data.worker_count", "eval.batch_size", "eval.limit", "eval.max_new_tokens", "sharding_rules")
+# Fields added after run folders were first written, with the value that means what their absence
+# meant: an older run resumes under a config that holds them at that value.
+ADDED_LATER = {"model.remat": "none", "llm.remat": "none"}
 
 
 class ConfigMismatchError(ValueError):
@@ -52,8 +56,10 @@ def _flat(tree, prefix: str = "") -> dict[str, object]:
 
 
 def changed_fields(saved: dict, new: dict) -> list[str]:
-    """Dotted names of the fields that differ (present in one only, or with other values)."""
+    """Dotted names of the fields that differ (present in one only, or with other values); a field of
+    ``ADDED_LATER`` that ``saved`` lacks counts as holding its value there."""
     a, b = _flat(saved), _flat(new)
+    a = {**{k: v for k, v in ADDED_LATER.items() if k in b}, **a}
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
@@ -86,6 +92,7 @@ def check_resume(workdir: str | Path, config: ml_collections.ConfigDict) -> None
     refused = [k for k in changed_fields(saved, resolved(config).to_dict()) if k not in MAY_CHANGE]
     if refused:
         old, new = _flat(saved), _flat(resolved(config).to_dict())
+        old = {**{k: v for k, v in ADDED_LATER.items() if k in new}, **old}
         details = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in refused)
         raise ConfigMismatchError(
             f"{path(workdir)}: the checkpoints in {workdir} were trained with another config; resuming would "
