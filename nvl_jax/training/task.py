@@ -63,8 +63,8 @@ class Task(abc.ABC):
         one's (it need not train or evaluate), the global batch and the constants as
         ``jax.ShapeDtypeStruct``s. ``upstream``: the config of the run this task builds on, where that
         run is not on disk. Tasks whose shapes come from their data do not override it."""
-        raise NotImplementedError(f"config.task = {config.task!r}: the {cls.name} task takes its shapes from its "
-                                  "data; plan it with its data (python -m nvl_jax.plan without --from_config)")
+        raise ValueError(f"config.task = {config.task!r}: the {cls.name} task takes its shapes from its "
+                         "data; plan it with its data (python -m nvl_jax.plan without --from_config)")
 
     # ---- the data ----------------------------------------------------------------------------
     @abc.abstractmethod

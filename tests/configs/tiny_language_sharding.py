@@ -7,29 +7,29 @@ its 8 query heads, 4 key-value heads, MLP width 128 and SmolLM2's 49,152-token v
 over a tensor axis of 4, so every activation name of the rules has a dimension to shard.
 """
 
+import importlib.util
 from pathlib import Path
 
-from nvl_jax.configs import nsd_language, parse_arg
+from nvl_jax.configs import parse_arg
+
+
+def _tiny_language():
+    """tests/configs/tiny_language.py, loaded by path (config files are not a package)."""
+    spec = importlib.util.spec_from_file_location("tiny_language", Path(__file__).with_name("tiny_language.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str | None = None):
     variant = parse_arg(arg, stage1="runs/tiny", llm="runs/tiny_llm")
-    config = nsd_language.get_config("stage=2b,llm=lora")
-    config.stage1_workdir = variant.stage1
-    config.llm.checkpoint = variant.llm
-    config.llm.dtype = "float32"
-    config.lora.rank = 4
+    config = _tiny_language().get_config(f"stage1={variant.stage1},llm={variant.llm}")
+    # Two steps of brief descriptions in the paper's format (shorter sequences), on a mesh with a
+    # tensor axis of 4.
     config.conversation.format = "paper"
     config.data.kinds = ("brief",)
     config.data.max_length = 48
-    config.data.batch_size = 8
-    config.data.build_instructions = True
-    config.total_steps = 2
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.optimizer.lr = 1e-3
-    config.optimizer.warmup_steps = 1
-    config.eval.batch_size, config.eval.max_new_tokens, config.eval.limit = 8, 4, 8
+    config.total_steps = config.checkpoint_every_steps = 2
     config.mesh_shape = (1, 2, 4)
     return config
 
