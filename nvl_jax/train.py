@@ -67,6 +67,13 @@ def main(argv: list[str]) -> None:
     from nvl_jax.training import loop
 
     loop.train(_CONFIG.value, _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename))
+    if jax.process_count() > 1:
+        # Leave the job together: process 0 hosts the coordination service, and a process still
+        # connected when it goes away is aborted by its client.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("nvl_jax.train finished")
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
